@@ -1,0 +1,242 @@
+"""Run configuration: one YAML file describes a run.
+
+The schema is strict: an unknown key, a value of the wrong type, or a layer rule that
+cannot apply to the model is a :class:`~gppq_dist.errors.ConfigError` whose one message
+names the file, the key and what was expected.
+
+Layer rules come in three tiers, resolved per layer as name, then type, then default
+(the shape of the paper's Table 1)::
+
+    quantization:
+      skip_first_conv: true          # the stem is never quantized (DESIGN §2)
+      default: null                  # layers matched by no rule below are left alone
+      types:                         # per layer kind: conv{kh}x{kw} or linear
+        conv3x3: {d: 9, k: 256}
+        conv1x1: {d: 4, k: 256}
+        linear:  {d: 4, k: 2048}
+      names:                         # regex on the module name (full match), first wins;
+        "layer4\\.1\\.conv2": {d: 18, k: 256}   # null leaves that layer alone
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gppq_dist.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYER_KIND = re.compile(r"conv\d+(x\d+)*|linear")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LayerQuant(_Strict):
+    """Product quantization of one layer: subvectors of length ``d``, ``k`` codewords."""
+
+    d: int = Field(gt=0, description="subvector length")
+    k: int = Field(gt=0, description="codewords in the layer's joint codebook (a power of two)")
+
+    @field_validator("k")
+    @classmethod
+    def _power_of_two(cls, k: int) -> int:
+        if k & (k - 1):
+            raise ValueError(f"must be a power of two so indices pack to log2(k) bits, got {k}")
+        return k
+
+
+class QuantizationConfig(_Strict):
+    skip_first_conv: bool = True
+    default: LayerQuant | None = None
+    types: dict[str, LayerQuant | None] = Field(default_factory=dict)
+    names: dict[str, LayerQuant | None] = Field(default_factory=dict)
+
+    @field_validator("types")
+    @classmethod
+    def _known_kinds(cls, types: dict[str, Any]) -> dict[str, Any]:
+        for kind in types:
+            if not LAYER_KIND.fullmatch(kind):
+                raise ValueError(
+                    f"unknown layer kind {kind!r}: expected conv<kh>x<kw> (e.g. conv3x3) or linear"
+                )
+        return types
+
+    @field_validator("names")
+    @classmethod
+    def _valid_regexes(cls, names: dict[str, Any]) -> dict[str, Any]:
+        for pattern in names:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return names
+
+
+class ModelConfig(_Strict):
+    arch: str = Field(description="a torchvision classification model name, e.g. resnet18")
+    num_classes: int = Field(1000, gt=0)
+    weights: str = Field(
+        "random",
+        description="'random' (seeded init) or a state dict file (.safetensors, .pt, .pth)",
+    )
+
+
+class KMeansConfig(_Strict):
+    iterations: int = Field(20, gt=0, description="Lloyd iterations (stops early at a fixed point)")
+    seed: int = 0
+    init_sample: int = Field(
+        32, gt=0, description="k-means++ seeds from at most init_sample * k subvectors"
+    )
+    kernel: Literal["auto", "faiss", "torch"] = "auto"
+    chunk_mb: int = Field(64, gt=0, description="memory budget of one distance block (torch kernel)")
+
+
+class DataConfig(_Strict):
+    root: str = "data/imagenet"
+    image_size: int = Field(224, gt=0, description="train crop and val center crop")
+    resize_size: int = Field(256, gt=0, description="val: shorter side resized to this first")
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    horizontal_flip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = Field(256, gt=0, description="evaluation batch size")
+    workers: int = Field(2, ge=0)
+
+
+class PretrainConfig(_Strict):
+    """Training of the uncompressed baseline (the demo's starting point)."""
+
+    epochs: int = Field(15, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class RunConfig(_Strict):
+    name: str
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    quantization: QuantizationConfig
+    kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a YAML config; ``overrides`` maps dotted keys to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (expected a YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, raw) for err in exc.errors()]
+        if len(problems) == 1:
+            raise ConfigError(f"{source}: {problems[0]}") from None
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source}: {len(problems)} problems:\n{listing}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["kmeans.iterations=5", ...]`` -> ``{"kmeans.iterations": 5}`` (values parsed as YAML)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. kmeans.iterations=10")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"unknown key '{key}'{suggestion}; expected one of: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {_lookup(raw, loc)!r})"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-model at ``loc`` (dict keys in ``loc`` are stepped over)."""
+    model: Any = RunConfig
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            break
+        field = model.model_fields.get(str(part))
+        if field is None:
+            continue
+        model = _unwrap(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> X, ``dict[str, X | None]`` -> X."""
+    for arg in typing.get_args(annotation) or ():
+        inner = _unwrap(arg) if typing.get_args(arg) else arg
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def _lookup(raw: Any, loc: tuple[Any, ...]) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return None
+    return node

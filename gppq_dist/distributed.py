@@ -1,0 +1,97 @@
+"""The process group, kept small and apart from the math.
+
+``init_distributed()`` reads the environment torchrun (or a SLURM launcher) sets and
+starts the process group: NCCL on GPUs, gloo on CPU. A half-set environment is refused
+with a message rather than left to hang in a rendezvous.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gppq_dist.errors import UserError
+
+_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class ProcessGroupReducer:
+    """:class:`gppq_dist.pq.kmeans.Reducer` over the default process group."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        dist.broadcast(tensor, src=src)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group described by the environment, or run as one process.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+    present = [name for name in _REQUIRED if name in os.environ]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for, but no CUDA device is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size <= 1 or dist.is_initialized():
+        if dist.is_initialized():
+            return _context(dist.get_rank(), dist.get_world_size(), local_rank, use_cuda)
+        return _context(0, 1, 0, use_cuda)
+    missing = [name for name in _REQUIRED if name not in present]
+    if missing:
+        raise UserError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun "
+            "(or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+        )
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    logging.getLogger(__name__).info(
+        "joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(),
+        dist.get_backend(),
+    )
+    return _context(dist.get_rank(), dist.get_world_size(), local_rank, use_cuda)
+
+
+def _context(rank: int, world_size: int, local_rank: int, use_cuda: bool) -> DistContext:
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def reducer_for(context: DistContext):
+    """The k-means reducer for this process: the process group, or the local identity."""
+    from gppq_dist.pq.kmeans import LocalReducer
+
+    return ProcessGroupReducer() if context.distributed else LocalReducer()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
