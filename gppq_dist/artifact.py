@@ -1,0 +1,266 @@
+"""The compressed artifact (``.gppq``): a safetensors file whose bytes are the reported size.
+
+Contents (tensor names):
+
+- ``indices/<layer>``: uint8, the codeword indices bit-packed to log2(K) bits each;
+- ``codebook/<layer>``: fp16, ``K x d``;
+- ``param/<name>``: fp32, every parameter that is not quantized and not BatchNorm
+  (the stem conv, biases);
+- ``bn_scale/<bn>``, ``bn_shift/<bn>``: fp32, each BatchNorm folded to two vectors,
+  ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``;
+- ``buffer/<name>``: any other buffer (none in torchvision ResNets).
+
+Metadata (the safetensors header, strings only): ``format`` = ``gppq``, ``format_version``,
+``payload`` (JSON: architecture, per-layer layout, accounted size, config, preprocessing)
+and ``checksum``: SHA-256 over the payload and every tensor's name, dtype, shape and bytes.
+Reading never unpickles; a truncated, bit-flipped or foreign file is an
+:class:`~gppq_dist.errors.ArtifactError`, never a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from gppq_dist.errors import ArtifactError
+from gppq_dist.io import atomic_path
+from gppq_dist.models import build_model
+from gppq_dist.pq.accounting import account
+from gppq_dist.pq.codec import decode, pack_indices, unpack_indices
+from gppq_dist.pq.plan import LayerPlan
+
+FORMAT = "gppq"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    """A compressed model in memory; ``assignments`` are unpacked int64 indices."""
+
+    arch: str
+    num_classes: int
+    layers: list[LayerPlan]
+    codebooks: dict[str, torch.Tensor]
+    assignments: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    bn_scale: dict[str, torch.Tensor]
+    bn_shift: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accounted_bytes(self) -> float:
+        return float(self.info["accounted_bytes"])
+
+    def decoded_weight(self, name: str) -> torch.Tensor:
+        plan = next(p for p in self.layers if p.name == name)
+        return decode(self.codebooks[name].float(), self.assignments[name], plan.shape)
+
+
+def build_artifact(
+    model: nn.Module,
+    plans: list[LayerPlan],
+    codebooks: dict[str, torch.Tensor],
+    assignments: dict[str, torch.Tensor],
+    info: dict[str, Any] | None = None,
+) -> Artifact:
+    """Package ``model`` (uncompressed params and BN stats) with the layers' codes.
+
+    ``codebooks`` are stored in fp16; the model's quantized weights themselves are not read.
+    """
+    arch, num_classes = _identity(model, info)
+    quantized = {_weight_name(plan.name) for plan in plans}
+    params, buffers, bn_scale, bn_shift = {}, {}, {}, {}
+    batchnorms = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+    bn_owned = set()
+    for name, module in batchnorms.items():
+        scale, shift = fold_batchnorm(module)
+        bn_scale[name], bn_shift[name] = scale, shift
+        prefix = f"{name}." if name else ""
+        bn_owned.update(prefix + key for key in module.state_dict())
+    for name, tensor in model.state_dict().items():
+        if name in quantized or name in bn_owned:
+            continue
+        target = params if name in dict(model.named_parameters()) else buffers
+        target[name] = tensor.detach().float().cpu().contiguous()
+    report = account(model, plans)
+    payload = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "accounted_bytes": report.total_bytes,
+        "fp32_bytes": report.fp32_bytes,
+        **(info or {}),
+    }
+    return Artifact(
+        arch=arch,
+        num_classes=num_classes,
+        layers=list(plans),
+        codebooks={n: c.detach().to(torch.float16).cpu().contiguous() for n, c in codebooks.items()},
+        assignments={n: a.detach().cpu().long() for n, a in assignments.items()},
+        params=params,
+        bn_scale=bn_scale,
+        bn_shift=bn_shift,
+        buffers=buffers,
+        info=payload,
+    )
+
+
+def fold_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode (fp32)."""
+    var = module.running_var.detach().double()
+    mean = module.running_mean.detach().double()
+    gamma = module.weight.detach().double() if module.affine else torch.ones_like(var)
+    beta = module.bias.detach().double() if module.affine else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + module.eps)
+    shift = beta - mean * scale
+    return scale.float().contiguous(), shift.float().contiguous()
+
+
+def write_artifact(artifact: Artifact, path: str | Path) -> int:
+    """Write atomically; returns the file's size in bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    for plan in artifact.layers:
+        packed = pack_indices(artifact.assignments[plan.name], plan.index_bits)
+        tensors[f"indices/{plan.name}"] = torch.from_numpy(packed)
+        tensors[f"codebook/{plan.name}"] = artifact.codebooks[plan.name]
+    tensors.update({f"param/{n}": t for n, t in artifact.params.items()})
+    tensors.update({f"buffer/{n}": t for n, t in artifact.buffers.items()})
+    tensors.update({f"bn_scale/{n}": t for n, t in artifact.bn_scale.items()})
+    tensors.update({f"bn_shift/{n}": t for n, t in artifact.bn_shift.items()})
+    payload = json.dumps(
+        {**artifact.info, "layers": [plan.to_dict() for plan in artifact.layers]},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "payload": payload,
+        "checksum": _checksum(payload, tensors),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path.stat().st_size
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"artifact '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises several types (incl. Rust panics) on bad bytes
+        raise ArtifactError(
+            f"'{path}' is not a readable .gppq artifact (truncated or corrupt?): {exc}"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(f"'{path}' is a safetensors file but not a .gppq artifact")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ArtifactError(
+            f"'{path}' has format version {metadata.get('format_version')!r}; this gppq_dist "
+            f"reads version {FORMAT_VERSION}"
+        )
+    payload_text = metadata.get("payload", "")
+    if metadata.get("checksum") != _checksum(payload_text, tensors):
+        raise ArtifactError(f"'{path}' is corrupt: checksum mismatch (the file was altered or damaged)")
+    payload = json.loads(payload_text)
+    layers = [LayerPlan.from_dict(entry) for entry in payload.pop("layers")]
+    assignments = {
+        plan.name: unpack_indices(
+            tensors[f"indices/{plan.name}"].numpy(), plan.index_bits, plan.n_subvectors
+        )
+        for plan in layers
+    }
+
+    def group(prefix: str) -> dict[str, torch.Tensor]:
+        return {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+
+    return Artifact(
+        arch=payload["arch"],
+        num_classes=int(payload["num_classes"]),
+        layers=layers,
+        codebooks={plan.name: tensors[f"codebook/{plan.name}"] for plan in layers},
+        assignments=assignments,
+        params=group("param/"),
+        bn_scale=group("bn_scale/"),
+        bn_shift=group("bn_shift/"),
+        buffers=group("buffer/"),
+        info=payload,
+    )
+
+
+def rebuild_model(artifact: Artifact) -> nn.Module:
+    """A plain torchvision ``nn.Module`` (eval mode) computing what the artifact encodes.
+
+    Each BatchNorm keeps its class but holds the folded vectors: ``weight = scale``,
+    ``bias = shift``, ``running_mean = 0``, ``running_var = 1``, ``eps = 0``.
+    """
+    model = build_model(artifact.arch, artifact.num_classes, device="meta").to_empty(device="cpu")
+    state = {_weight_name(p.name): artifact.decoded_weight(p.name) for p in artifact.layers}
+    state.update(artifact.params)
+    state.update(artifact.buffers)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        prefix = f"{name}." if name else ""
+        scale = artifact.bn_scale[name]
+        module.eps = 0.0
+        state[prefix + "weight"] = scale
+        state[prefix + "bias"] = artifact.bn_shift[name]
+        state[prefix + "running_mean"] = torch.zeros_like(scale)
+        state[prefix + "running_var"] = torch.ones_like(scale)
+        state[prefix + "num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"artifact does not fit a {artifact.arch}: {exc}") from None
+    return model.eval()
+
+
+def snap_model_(model: nn.Module, plans: list[LayerPlan], codebooks: dict[str, torch.Tensor],
+                assignments: dict[str, torch.Tensor]) -> nn.Module:
+    """Replace each quantized weight by its codewords, in place (the codebook as stored, fp16)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for plan in plans:
+            weight = modules[plan.name].weight
+            codebook = codebooks[plan.name].to(torch.float16).to(weight.dtype)
+            weight.copy_(decode(codebook, assignments[plan.name].to(weight.device), plan.shape))
+    return model
+
+
+def _identity(model: nn.Module, info: dict[str, Any] | None) -> tuple[str, int]:
+    if not info or "arch" not in info:
+        raise ValueError("info must name the model's 'arch'")
+    fc = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    num_classes = int(info.get("num_classes") or fc[-1].out_features)
+    return str(info["arch"]), num_classes
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def _checksum(payload: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(payload.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

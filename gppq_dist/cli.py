@@ -1,0 +1,245 @@
+"""The ``gppq`` command line.
+
+A user's mistake (bad config, missing file, corrupt artifact) prints one ``error:`` line
+and exits with status 2; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gppq_dist.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Global & Progressive Product Quantization of CNNs: size, compress, inspect, evaluate.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: write the demo data.")
+app.add_typer(data_app, name="data")
+stdout = Console()
+if not stdout.is_terminal:  # logs and pipes get whole table rows, not 80-column wraps
+    stdout = Console(width=160)
+
+ConfigOption = typer.Option(..., "--config", "-c", help="run config (YAML)")
+ArchOption = typer.Option(None, "--arch", help="override model.arch (any torchvision ResNet/ResNeXt/...)")
+SetOption = typer.Option(None, "--set", help="override a config key: KEY=VALUE (repeatable)")
+JsonOption = typer.Option(False, "--json", help="print one JSON object instead of a table")
+
+
+def _config(path: Path, arch: str | None = None, sets: list[str] | None = None):
+    from gppq_dist.config import load_config, parse_overrides
+
+    overrides = parse_overrides(sets or [])
+    if arch:
+        overrides["model.arch"] = arch
+    return load_config(path, overrides)
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def size(
+    config: Path = ConfigOption,
+    arch: Optional[str] = ArchOption,
+    sets: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Accounted size of the compressed model, per layer (needs no weights and no data)."""
+    from gppq_dist.models import build_model
+    from gppq_dist.pq.accounting import account
+    from gppq_dist.pq.plan import plan_layers
+
+    cfg = _config(config, arch, sets)
+    model = build_model(cfg.model.arch, cfg.model.num_classes, device="meta")
+    report = account(model, plan_layers(model, cfg.quantization))
+    if as_json:
+        _print_json({"arch": cfg.model.arch, "num_classes": cfg.model.num_classes, **report.to_dict()})
+        return
+    table = Table(title=f"{cfg.model.arch} ({cfg.name}): accounted size")
+    for column in ("layer", "shape", "d", "K", "subvectors", "index bits", "index B", "codebook B"):
+        table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
+    for cost in report.layers:
+        plan = cost.plan
+        table.add_row(plan.name, "x".join(map(str, plan.shape)), str(plan.d), str(plan.k),
+                      f"{plan.n_subvectors:,}", str(plan.index_bits), f"{cost.index_bytes:,.0f}",
+                      f"{cost.codebook_bytes:,}")
+    stdout.print(table)
+    stdout.print(
+        f"quantized layers: {len(report.layers)}   indices+codebooks: {report.quantized_bytes:,.0f} B   "
+        f"unquantized fp32: {report.unquantized_bytes:,} B ({report.unquantized_params:,} params)"
+    )
+    stdout.print(
+        f"total: [bold]{report.size_mb:.3f} MB[/bold] (MB = 2^20 B)   fp32 model: "
+        f"{report.fp32_mb:.2f} MB   ratio: [bold]{report.ratio:.1f}x[/bold]"
+    )
+
+
+@app.command()
+def compress(
+    config: Path = ConfigOption,
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="state dict file (.safetensors/.pt) or 'random'; default: model.weights"
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact path; default: <run dir>/direct_pq.gppq"),
+    arch: Optional[str] = ArchOption,
+    sets: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Direct PQ: k-means on the weights, no finetuning; writes a .gppq artifact.
+
+    Under torchrun (python -m gppq_dist.compress ...) the k-means is distributed.
+    """
+    from gppq_dist.compress import compress as run_compress
+    from gppq_dist.distributed import init_distributed, shutdown
+
+    cfg = _config(config, arch, sets)
+    context = init_distributed()
+    try:
+        summary = run_compress(cfg, out or cfg.run_dir / "direct_pq.gppq", context, weights)
+    finally:
+        shutdown()
+    if not context.is_main:
+        return
+    if as_json:
+        _print_json(summary)
+        return
+    stdout.print(
+        f"wrote {summary['artifact']}: {summary['file_bytes']:,} bytes, accounted "
+        f"{summary['accounted_mb']:.3f} MB, ratio {summary['ratio']:.1f}x, Gamma {summary['gamma']:.3e}, "
+        f"k-means {summary['kmeans_s']:.1f} s on {summary['world_size']} rank(s)"
+    )
+
+
+@app.command()
+def inspect(artifact: Path = typer.Argument(..., help=".gppq file"), as_json: bool = JsonOption) -> None:
+    """What an artifact holds: per-layer layout, accounted size and real file size."""
+    from gppq_dist.artifact import read_artifact
+    from gppq_dist.pq.accounting import layer_cost
+
+    loaded = read_artifact(artifact)
+    file_bytes = artifact.stat().st_size
+    layers = [layer_cost(plan).to_dict() for plan in loaded.layers]
+    info = {
+        "arch": loaded.arch,
+        "num_classes": loaded.num_classes,
+        "method": loaded.info.get("method"),
+        "accounted_mb": loaded.accounted_bytes / 2**20,
+        "accounted_bytes": loaded.accounted_bytes,
+        "file_bytes": file_bytes,
+        "file_over_accounted": file_bytes / loaded.accounted_bytes,
+        "ratio": loaded.info["fp32_bytes"] / loaded.accounted_bytes,
+        "gamma": loaded.info.get("gamma"),
+        "layers": layers,
+    }
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(title=f"{artifact} ({loaded.arch}, {info['method']})")
+    for column in ("layer", "shape", "d", "K", "bits", "index B", "codebook B"):
+        table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
+    for layer in layers:
+        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), str(layer["d"]), str(layer["k"]),
+                      str(layer["index_bits"]), f"{layer['index_bytes']:,.0f}", f"{layer['codebook_bytes']:,}")
+    stdout.print(table)
+    stdout.print(
+        f"accounted {info['accounted_mb']:.3f} MB ({info['accounted_bytes']:,.0f} B), file {file_bytes:,} B "
+        f"({info['file_over_accounted']:.3f}x accounted), ratio {info['ratio']:.1f}x"
+    )
+
+
+@app.command("eval")
+def evaluate_artifact(
+    artifact: Path = typer.Argument(..., help=".gppq file"),
+    data: Path = typer.Option(..., "--data", help="folder with val/<class>/* (or class folders directly)"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Top-1/top-5 of the model an artifact rebuilds, on a labelled image folder."""
+    from gppq_dist.artifact import read_artifact, rebuild_model
+    from gppq_dist.data.folder import image_folder, loader, val_transform
+    from gppq_dist.evaluate import evaluate
+
+    loaded = read_artifact(artifact)
+    dataset = image_folder(data, "val", val_transform(loaded.info["preprocess"]), key="--data")
+    if len(dataset.classes) != loaded.num_classes:
+        raise UserError(f"--data: '{data}' has {len(dataset.classes)} classes, the model {loaded.num_classes}")
+    metrics = evaluate(rebuild_model(loaded), loader(dataset, batch_size, workers, shuffle=False))
+    if as_json:
+        _print_json({"artifact": str(artifact), **metrics})
+        return
+    stdout.print(f"{artifact}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                 f"({metrics['images']} images)")
+
+
+@data_app.command("digits")
+def data_digits(
+    out: Path = typer.Option(Path("data/digits"), "--out", help="output folder"),
+    image_size: int = typer.Option(32, "--size", help="side of the square JPEGs"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
+) -> None:
+    """Write scikit-learn's digits as an ImageNet-style JPEG folder (train/ and val/)."""
+    from gppq_dist.data.digits import write_digits
+
+    manifest = write_digits(out, size=image_size, seed=seed)
+    stdout.print(f"{out}: {manifest['train']} train and {manifest['val']} val images, 10 classes")
+
+
+@app.command()
+def pretrain(
+    config: Path = ConfigOption,
+    force: bool = typer.Option(False, "--force", help="train again even if a cached baseline fits"),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Train the uncompressed baseline (cached in the run folder)."""
+    from gppq_dist.pretrain import pretrain as run_pretrain
+
+    summary = run_pretrain(_config(config, None, sets), force=force)
+    stdout.print(f"baseline {summary['weights']}: top-1 {summary['top1']:.2f}%"
+                 + (" (cached)" if summary["cached"] else ""))
+
+
+@app.command()
+def demo(
+    config: Path = typer.Option(Path("configs/demo_digits.yaml"), "--config", "-c"),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """The whole flow on the digits data: data, baseline (cached), direct PQ, eval, table."""
+    from gppq_dist.demo import run_demo
+
+    rows = run_demo(_config(config, None, sets))
+    table = Table(title="demo: ResNet-18 on digits, compressed")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        table.add_row(*[f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+                        for v in row.values()])
+    stdout.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gppq_dist.progress import setup_logging
+
+    setup_logging()
+    try:
+        app(args=argv, prog_name="gppq")
+    except UserError as exc:
+        message = Text.assemble(("error: ", "bold red"), str(exc))
+        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: the demo data set and ImageNet-layout folders."""

@@ -1,0 +1,105 @@
+"""Training the uncompressed baseline that compression starts from (single process).
+
+The result is cached: ``<run_dir>/baseline.safetensors`` plus ``baseline.json`` holding
+the hash of every setting that shapes it; a second call with the same settings reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gppq_dist.config import RunConfig
+from gppq_dist.data.folder import image_folder, loader, preprocess_info, train_transform, val_transform
+from gppq_dist.evaluate import evaluate
+from gppq_dist.io import write_text_atomic
+from gppq_dist.models import build_model, save_weights
+from gppq_dist.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+def baseline_paths(cfg: RunConfig) -> tuple[Path, Path]:
+    return cfg.run_dir / "baseline.safetensors", cfg.run_dir / "baseline.json"
+
+
+def settings_hash(cfg: RunConfig) -> str:
+    shaping = {
+        "seed": cfg.seed,
+        "model": {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes},
+        "data": cfg.data.model_dump(mode="json", exclude={"workers", "batch_size"}),
+        "pretrain": cfg.pretrain.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_baseline(cfg: RunConfig) -> dict[str, Any] | None:
+    weights, record = baseline_paths(cfg)
+    if not (weights.is_file() and record.is_file()):
+        return None
+    summary = json.loads(record.read_text())
+    return summary if summary.get("settings_hash") == settings_hash(cfg) else None
+
+
+def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Train (or reuse) the baseline; returns its summary (``top1``, ``weights``, ...)."""
+    if not force and (cached := cached_baseline(cfg)) is not None:
+        log.info("baseline: reusing %s (top-1 %.2f%%)", cached["weights"], cached["top1"])
+        return {**cached, "cached": True}
+    torch.manual_seed(cfg.seed)
+    train_set = image_folder(cfg.data.root, "train", train_transform(cfg.data))
+    val_set = image_folder(cfg.data.root, "val", val_transform(preprocess_info(cfg.data)))
+    if len(train_set.classes) != cfg.model.num_classes:
+        from gppq_dist.errors import ConfigError
+
+        raise ConfigError(
+            f"model.num_classes = {cfg.model.num_classes} but '{cfg.data.root}/train' has "
+            f"{len(train_set.classes)} class folders"
+        )
+    hp = cfg.pretrain
+    train_loader = loader(train_set, hp.batch_size, cfg.data.workers, shuffle=True, seed=cfg.seed)
+    val_loader = loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False)
+    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                weight_decay=hp.weight_decay, nesterov=hp.momentum > 0)
+    steps = hp.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=steps,
+                                                    pct_start=0.15)
+    criterion = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    start = time.perf_counter()
+    with progress_bar("pretrain", total=steps) as advance:
+        for epoch in range(1, hp.epochs + 1):
+            model.train()
+            loss_sum, seen = 0.0, 0
+            for images, labels in train_loader:
+                loss = criterion(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.item() * labels.numel()
+                seen += labels.numel()
+                advance(1, status=f"epoch {epoch}/{hp.epochs} loss {loss.item():.3f}")
+            log.info("pretrain epoch %d/%d: train loss %.4f", epoch, hp.epochs, loss_sum / seen)
+    metrics = evaluate(model, val_loader, label="baseline val")
+    weights, record = baseline_paths(cfg)
+    save_weights(model, weights)
+    summary = {
+        "weights": str(weights),
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "epochs": hp.epochs,
+        "wall_s": time.perf_counter() - start,
+        "settings_hash": settings_hash(cfg),
+    }
+    write_text_atomic(record, json.dumps(summary, indent=2))
+    log.info("baseline: top-1 %.2f%% after %d epochs (%.0f s) -> %s",
+             metrics["top1"], hp.epochs, summary["wall_s"], weights)
+    return {**summary, "cached": False}
