@@ -86,7 +86,7 @@ def main() -> None:
         torchrun = shutil.which("torchrun")
     rows = [
         run(me, {"OMP_NUM_THREADS": str(args.cores)}),
-        run([torchrun, "--standalone", "--nproc_per_node=2", *me],
+        run([torchrun, "--standalone", "--nproc_per_node=2", *me[1:]],
             {"OMP_NUM_THREADS": str(max(1, args.cores // 2))}),
     ]
     import torch
