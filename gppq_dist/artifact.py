@@ -91,10 +91,11 @@ def build_artifact(
         bn_scale[name], bn_shift[name] = scale, shift
         prefix = f"{name}." if name else ""
         bn_owned.update(prefix + key for key in module.state_dict())
+    parameter_names = {name for name, _ in model.named_parameters()}
     for name, tensor in model.state_dict().items():
         if name in quantized or name in bn_owned:
             continue
-        target = params if name in dict(model.named_parameters()) else buffers
+        target = params if name in parameter_names else buffers
         target[name] = tensor.detach().float().cpu().contiguous()
     report = account(model, plans)
     payload = {

@@ -18,6 +18,7 @@ from torch import nn
 
 from gppq_dist.config import RunConfig
 from gppq_dist.data.folder import image_folder, loader, preprocess_info, train_transform, val_transform
+from gppq_dist.errors import ConfigError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
 from gppq_dist.models import build_model, save_weights
@@ -57,8 +58,6 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     train_set = image_folder(cfg.data.root, "train", train_transform(cfg.data))
     val_set = image_folder(cfg.data.root, "val", val_transform(preprocess_info(cfg.data)))
     if len(train_set.classes) != cfg.model.num_classes:
-        from gppq_dist.errors import ConfigError
-
         raise ConfigError(
             f"model.num_classes = {cfg.model.num_classes} but '{cfg.data.root}/train' has "
             f"{len(train_set.classes)} class folders"
