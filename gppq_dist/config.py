@@ -109,7 +109,14 @@ class DataConfig(_Strict):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = Field(256, gt=0, description="evaluation batch size")
-    workers: int = Field(2, ge=0)
+    workers: int = Field(2, ge=0, description="torchvision loader processes / DALI CPU threads")
+    loader: Literal["dali", "torchvision"] = "dali"
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where DALI decodes: gpu ('mixed'), cpu, or gpu when one is visible"
+    )
+    on_bad_file: Literal["error", "skip"] = "error"
+    train_list: str | None = Field(None, description="file list ('path label' per line) for train")
+    val_list: str | None = Field(None, description="file list ('path label' per line) for val")
 
 
 class PretrainConfig(_Strict):

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torchvision import datasets, transforms
 
+from gppq_dist.data.layout import split_dir
 from gppq_dist.errors import DataError
 
 
@@ -44,19 +45,6 @@ def train_transform(data: Any) -> transforms.Compose:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(data.mean, data.std)]
     return transforms.Compose(steps)
-
-
-def split_dir(root: str | Path, split: str, key: str = "data.root") -> Path:
-    """``root/split``; for ``val``, a root that holds class folders directly also works."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{key}: data folder '{root}' does not exist")
-    candidate = root / split
-    if candidate.is_dir():
-        return candidate
-    if split == "val" and not (root / "train").is_dir() and any(p.is_dir() for p in root.iterdir()):
-        return root
-    raise DataError(f"{key}: '{root}' has no '{split}/' folder (expected {root}/{split}/<class>/<image>)")
 
 
 def image_folder(root: str | Path, split: str, transform, key: str = "data.root") -> datasets.ImageFolder:
