@@ -7,6 +7,7 @@ and exits with status 2; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Global & Progressive Product Quantization of CNNs: size, compress, inspect, evaluate.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: write the demo data.")
+data_app = typer.Typer(
+    no_args_is_help=True, help="Data sets: write the demo or synthetic data, check a data folder before training."
+)
 app.add_typer(data_app, name="data")
 stdout = Console()
 if not stdout.is_terminal:  # logs and pipes get whole table rows, not 80-column wraps
@@ -195,6 +198,62 @@ def data_digits(
 
     manifest = write_digits(out, size=image_size, seed=seed)
     stdout.print(f"{out}: {manifest['train']} train and {manifest['val']} val images, 10 classes")
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    classes: int = typer.Option(..., "--classes", min=1, help="number of classes (folders c000, c001, ...)"),
+    per_class: int = typer.Option(..., "--per-class", min=1, help="train images per class"),
+    size: str = typer.Option(..., "--size", help="image width x height in pixels, e.g. 500x375"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    val_per_class: Optional[int] = typer.Option(
+        None, "--val-per-class", min=1, help="val images per class; default: per-class / 5, at least 1"
+    ),
+    seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
+) -> None:
+    """Write an ImageNet-layout folder of seeded synthetic JPEGs (train/c000/*.JPEG, val/...)."""
+    from gppq_dist.data.synthetic import write_synthetic
+
+    width, height = _image_size(size)
+    counts = write_synthetic(out, classes, per_class, size=(width, height), val_per_class=val_per_class, seed=seed)
+    stdout.print(f"{out}: {counts['train']} train and {counts['val']} val images, {classes} classes, "
+                 f"{width}x{height}")
+
+
+@data_app.command("check")
+def data_check(
+    folder: Path = typer.Argument(..., help="data root with train/<class>/* and val/<class>/* (or class folders)"),
+    train_list: Optional[Path] = typer.Option(None, "--train-list", help="'path label' file list for train"),
+    val_list: Optional[Path] = typer.Option(None, "--val-list", help="'path label' file list for val"),
+    workers: int = typer.Option(2, "--workers", min=0, help="decoding processes (0: decode in this process)"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Pre-flight check of a data folder: bad images, stray files, empty or unshared classes.
+
+    Decodes every image once (PIL) and reports corrupt, truncated and non-image files, empty
+    class folders and classes that train and val do not share; exit status 1 when anything is
+    found. The report is cached (in DIR/.gppq_check, or the user cache when DIR is read-only
+    or a flat class folder), so checking an unchanged folder again decodes nothing.
+    """
+    from gppq_dist.data.check import check_folder, default_cache_dir
+
+    report = check_folder(folder, str(train_list) if train_list else None, str(val_list) if val_list else None,
+                          workers, cache_dir=default_cache_dir(folder))
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        # Plain text, not rich: file names may hold [brackets] that rich would read as markup.
+        sys.stdout.write(report.summary() + "\n")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``"500x375"`` -> ``(500, 375)``; anything else is a one-line user error."""
+    match = re.fullmatch(r"\s*([1-9]\d*)\s*[xX]\s*([1-9]\d*)\s*", text)
+    if match is None:
+        raise UserError(f"--size: expected WIDTHxHEIGHT in pixels, e.g. 500x375, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 @app.command()
