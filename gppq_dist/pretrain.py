@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from gppq_dist.config import RunConfig
-from gppq_dist.data.folder import image_folder, loader, preprocess_info, train_transform, val_transform
+from gppq_dist.data.layout import index_split
+from gppq_dist.data.loaders import build_loader
 from gppq_dist.errors import ConfigError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
@@ -55,17 +56,18 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         log.info("baseline: reusing %s (top-1 %.2f%%)", cached["weights"], cached["top1"])
         return {**cached, "cached": True}
     torch.manual_seed(cfg.seed)
-    train_set = image_folder(cfg.data.root, "train", train_transform(cfg.data))
-    val_set = image_folder(cfg.data.root, "val", val_transform(preprocess_info(cfg.data)))
-    if len(train_set.classes) != cfg.model.num_classes:
+    classes = index_split(cfg.data, "train").classes
+    if len(classes) != cfg.model.num_classes:
         raise ConfigError(
             f"model.num_classes = {cfg.model.num_classes} but '{cfg.data.root}/train' has "
-            f"{len(train_set.classes)} class folders"
+            f"{len(classes)} class folders"
         )
     hp = cfg.pretrain
-    train_loader = loader(train_set, hp.batch_size, cfg.data.workers, shuffle=True, seed=cfg.seed)
-    val_loader = loader(val_set, cfg.data.batch_size, cfg.data.workers, shuffle=False)
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    train_loader = build_loader(cfg.data, "train", seed=cfg.seed, batch_size=hp.batch_size)
+    val_loader = build_loader(cfg.data, "val", seed=cfg.seed)
+    # DALI on a GPU hands out batches there; the model goes where the batches are
+    device = train_loader.device
+    model = build_model(cfg.model.arch, cfg.model.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
                                 weight_decay=hp.weight_decay, nesterov=hp.momentum > 0)
     steps = hp.epochs * len(train_loader)
@@ -76,8 +78,10 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     with progress_bar("pretrain", total=steps) as advance:
         for epoch in range(1, hp.epochs + 1):
             model.train()
+            train_loader.set_epoch(epoch - 1)
             loss_sum, seen = 0.0, 0
             for images, labels in train_loader:
+                images, labels = images.to(device), labels.to(device)
                 loss = criterion(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -87,7 +91,7 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
                 seen += labels.numel()
                 advance(1, status=f"epoch {epoch}/{hp.epochs} loss {loss.item():.3f}")
             log.info("pretrain epoch %d/%d: train loss %.4f", epoch, hp.epochs, loss_sum / seen)
-    metrics = evaluate(model, val_loader, label="baseline val")
+    metrics = evaluate(model, val_loader, device=device, label="baseline val")
     weights, record = baseline_paths(cfg)
     save_weights(model, weights)
     summary = {

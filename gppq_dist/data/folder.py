@@ -1,19 +1,28 @@
 """ImageNet-layout folders read with torchvision (``train/<class>/*``, ``val/<class>/*``).
 
 Class index = position of the class folder name in sorted order, as torchvision's
-``ImageFolder``.
+``ImageFolder``. Also the ``data.loader: torchvision`` training/val loader
+(:class:`TorchvisionLoader`), the fallback of the DALI one with the same samples, transforms,
+sharding and steps per epoch.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import default_loader
 
 from gppq_dist.data.layout import split_dir
 from gppq_dist.errors import DataError
+
+ASPECT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def preprocess_info(data: Any) -> dict[str, Any]:
@@ -40,7 +49,7 @@ def val_transform(preprocess: Mapping[str, Any]) -> transforms.Compose:
 
 def train_transform(data: Any) -> transforms.Compose:
     """Random-resized crop (``crop_scale``), optional horizontal flip, normalize."""
-    steps = [transforms.RandomResizedCrop(data.image_size, scale=tuple(data.crop_scale))]
+    steps = [transforms.RandomResizedCrop(data.image_size, scale=tuple(data.crop_scale), ratio=ASPECT_RATIO)]
     if data.horizontal_flip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(data.mean, data.std)]
@@ -66,3 +75,122 @@ def loader(dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0)
         persistent_workers=workers > 0,
         drop_last=False,
     )
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed in 0..2^31-1 (what DALI accepts) fixed by ``parts``, e.g. (seed, epoch, rank)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def train_steps(samples: int, world_size: int, batch_size: int) -> int:
+    """Train batches per epoch on every rank: ``floor(floor(samples / world_size) / batch_size)``.
+
+    The same on all ranks (partial batches and the tail that does not split evenly are
+    dropped), so no rank waits in a collective for a batch another rank never gets.
+    """
+    return (samples // world_size) // batch_size
+
+
+def shard_range(samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s contiguous shard, the split DALI's readers use."""
+    return (rank * samples) // world_size, ((rank + 1) * samples) // world_size
+
+
+class SampleDataset(Dataset):
+    """``samples`` (path, label) read with PIL as RGB and passed through ``transform``."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(default_loader(path)), label
+
+
+class ShardSampler(Sampler[int]):
+    """Indices of one rank's contiguous shard, in order, each exactly once.
+
+    For val: ``DistributedSampler`` would pad the shards to equal size with repeated samples,
+    which counts those images twice in distributed metrics.
+    """
+
+    def __init__(self, samples: int, rank: int, world_size: int):
+        self.start, self.stop = shard_range(samples, rank, world_size)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What one rank's loader reads and how it batches it.
+
+    ``samples``: the whole split's (path, label) pairs; ``data``: the transform settings (a
+    :class:`~gppq_dist.config.DataConfig`); ``train``: train transform, shuffled, full
+    batches only, else val; ``rank`` of ``world_size``: which shard; ``seed``: shuffle and
+    augmentation.
+    """
+
+    samples: Sequence[tuple[str, int]]
+    data: Any
+    train: bool
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch: ``train_steps`` for train, ``ceil(shard size / batch_size)`` for val."""
+        if self.train:
+            return train_steps(len(self.samples), self.world_size, self.batch_size)
+        start, stop = shard_range(len(self.samples), self.rank, self.world_size)
+        return math.ceil((stop - start) / self.batch_size)
+
+
+class TorchvisionLoader:
+    """The torchvision counterpart of :class:`~gppq_dist.data.dali.DaliLoader`.
+
+    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on the CPU, ``spec.steps``
+    batches per epoch. Train: ``DistributedSampler`` (shuffled by ``seed + epoch``, tail
+    dropped) and full batches only. Val: the rank's contiguous shard once, last batch
+    partial. ``set_epoch`` picks the train order.
+    """
+
+    def __init__(self, spec: LoaderSpec):
+        data = spec.data
+        transform = train_transform(data) if spec.train else val_transform(preprocess_info(data))
+        dataset = SampleDataset(spec.samples, transform)
+        if spec.train:
+            self.sampler = DistributedSampler(dataset, num_replicas=spec.world_size, rank=spec.rank,
+                                              shuffle=True, seed=spec.seed, drop_last=True)
+        else:
+            self.sampler = ShardSampler(len(dataset), spec.rank, spec.world_size)
+        # seeds the workers' augmentation RNGs; per rank, so ranks crop differently
+        self.batches = DataLoader(
+            dataset,
+            batch_size=spec.batch_size,
+            sampler=self.sampler,
+            num_workers=data.workers,
+            persistent_workers=data.workers > 0,
+            generator=torch.Generator().manual_seed(derived_seed(spec.seed, spec.rank)),
+            drop_last=spec.train,
+        )
+        self.device = torch.device("cpu")
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.batches)

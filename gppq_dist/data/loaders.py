@@ -1,0 +1,132 @@
+"""One entry point for training and validation batches: :func:`build_loader`.
+
+It checks the data first (:func:`~gppq_dist.data.check.check_data`, cached), so a bad
+file either stops the run before it starts (``data.on_bad_file: error``) or is left out of
+the file list (``skip``) and never opened: no run dies half-way through an epoch.
+
+Then it picks the loader:
+
+- ``data.loader: dali`` -> :class:`~gppq_dist.data.dali.DaliLoader`, on the GPU for
+  ``data.device: gpu`` (nvJPEG decoding, ``device_id=local_rank``), on the CPU for ``cpu``,
+  and for ``auto`` on the GPU when torch sees one. ``gpu`` with no GPU visible falls back
+  to the DALI CPU pipeline, and a DALI that cannot be imported falls back to torchvision;
+  each with one warning line.
+- ``data.loader: torchvision`` -> :class:`~gppq_dist.data.folder.TorchvisionLoader`.
+
+Both take the same samples (:func:`~gppq_dist.data.layout.index_split`), so labels and
+skipped files are identical, shard the same way and yield the same number of train steps
+per epoch on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from gppq_dist.data.check import FILE_KINDS, check_data
+from gppq_dist.data.folder import LoaderSpec, TorchvisionLoader
+from gppq_dist.data.layout import index_split
+from gppq_dist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+NO_GPU_WARNING = "data.device is gpu but no GPU is visible; DALI decodes on the CPU"
+NO_DALI_WARNING = "data.loader is dali but DALI cannot be imported ({error}); using torchvision's DataLoader"
+
+_warned: set[str] = set()
+
+
+class Loader(Protocol):
+    """What :func:`build_loader` returns: one epoch of ``(images, labels)`` per ``iter()``."""
+
+    device: torch.device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def build_loader(
+    data: Any,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    local_rank: int = 0,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> Loader:
+    """The ``split`` (``train`` or ``val``) loader of ``rank`` out of ``world_size``.
+
+    ``data`` is a :class:`~gppq_dist.config.DataConfig`; ``batch_size`` defaults to
+    ``data.batch_size``; ``seed`` fixes the shuffle (with ``set_epoch``) and augmentation.
+    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on ``loader.device``.
+    Raises :class:`DataError` for data problems, before any batch is read.
+    """
+    spec = LoaderSpec(checked_samples(data, split), data, train=split == "train",
+                      batch_size=batch_size or data.batch_size, rank=rank, world_size=world_size, seed=seed)
+    if spec.train and spec.steps == 0:
+        raise DataError(
+            f"data.root: '{data.root}' has {len(spec.samples)} train images, fewer than one batch "
+            f"of {spec.batch_size} per process for {world_size} process(es)"
+        )
+    if data.loader == "dali":
+        dali = _import_dali()
+        if dali is not None:
+            return dali.DaliLoader(spec, device_id=_dali_device_id(data.device, local_rank))
+    return TorchvisionLoader(spec)
+
+
+def checked_samples(data: Any, split: str) -> list[tuple[str, int]]:
+    """The (path, label) samples of ``split``, after the pre-flight check of the data.
+
+    Class problems (an empty class folder, train and val classes that differ) are errors
+    whatever ``data.on_bad_file`` says; bad files are errors for ``error`` and are left
+    out, with one log line, for ``skip``.
+    """
+    report = check_data(data)
+    class_problems = [problem for problem in report.problems if problem.kind not in FILE_KINDS]
+    if class_problems or (report.bad_files and data.on_bad_file == "error"):
+        remedy = (
+            "the class folders must be fixed (data.on_bad_file does not apply to them)" if class_problems
+            else "fix or remove these files, or set data.on_bad_file: skip to leave them out"
+        )
+        raise DataError(f"data check of '{data.root}' failed; {remedy}:\n{report.summary()}")
+    index = index_split(data, split)
+    bad = report.bad_files
+    samples = [(path, label) for path, label in index.samples if path not in bad]
+    skipped = len(index.samples) - len(samples)
+    if skipped:
+        log.warning("data: skipping %d bad file(s) of %d in %s (data.on_bad_file: skip)",
+                    skipped, len(index.samples), split)
+    if not samples:
+        raise DataError(f"data.root: no usable images in the {split} split of '{data.root}'")
+    return samples
+
+
+def _import_dali():
+    """:mod:`gppq_dist.data.dali`, or None (and one warning) when DALI cannot be loaded."""
+    try:
+        from gppq_dist.data import dali
+    except (ImportError, OSError) as exc:  # OSError: libdali.so present but not loadable
+        _warn_once(NO_DALI_WARNING.format(error=f"{type(exc).__name__}: {exc}"))
+        return None
+    return dali
+
+
+def _dali_device_id(device: str, local_rank: int) -> int | None:
+    """The GPU DALI runs on (``local_rank``), or None for its CPU pipeline."""
+    visible = torch.cuda.is_available()
+    if device == "gpu" and not visible:
+        _warn_once(NO_GPU_WARNING)
+    return local_rank if device != "cpu" and visible else None
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` once per process (train and val loaders fall back for the same reason)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
