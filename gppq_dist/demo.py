@@ -15,7 +15,7 @@ from gppq_dist.artifact import read_artifact, rebuild_model
 from gppq_dist.compress import compress
 from gppq_dist.config import RunConfig
 from gppq_dist.data.digits import write_digits
-from gppq_dist.data.folder import image_folder, loader, val_transform
+from gppq_dist.data.loaders import build_loader
 from gppq_dist.distributed import init_distributed
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
@@ -32,9 +32,9 @@ def run_demo(cfg: RunConfig) -> list[dict[str, Any]]:
     artifact_path = cfg.run_dir / "direct_pq.gppq"
     summary = compress(cfg, artifact_path, init_distributed(device="cpu"), weights=baseline["weights"])
     artifact = read_artifact(artifact_path)
-    val_set = image_folder(cfg.data.root, "val", val_transform(artifact.info["preprocess"]))
-    metrics = evaluate(rebuild_model(artifact), loader(val_set, cfg.data.batch_size, cfg.data.workers, False),
-                       label="direct PQ val")
+    # The val loader the baseline was scored with, so the two rows differ only by the model.
+    val_loader = build_loader(cfg.data, "val", seed=cfg.seed)
+    metrics = evaluate(rebuild_model(artifact), val_loader, device=val_loader.device, label="direct PQ val")
     fp32_mb = artifact.info["fp32_bytes"] / 2**20
     rows = [
         {"model": "baseline (fp32)", "top-1 %": baseline["top1"], "size MB": fp32_mb,
