@@ -1,0 +1,1 @@
+"""Training: the G&P update on a live model, distributed."""

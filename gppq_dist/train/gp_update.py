@@ -1,0 +1,85 @@
+"""The G&P update on a live model, with codeword-gradient sync across ranks (DESIGN §3).
+
+:class:`GPUpdate` holds each quantized layer's fixed assignment ``psi`` (from the initial
+k-means) and, between ``loss.backward()`` and ``optimizer.step()``, replaces each quantized
+weight's gradient by the eq. 6 gradient (:mod:`gppq_dist.pq.gp`). Across ranks it sums only
+the K x d per-codeword gradient sums of every layer, in one bucketed all-reduce, instead of
+the full gradient; the mu pull uses the replicated weights and needs no communication. The
+quantized weights must therefore be left out of DDP's own reduction
+(:meth:`GPUpdate.exclude_from_ddp`); every other parameter goes through DDP as usual.
+
+Because the cluster mean is linear in the gradient, the result equals "all-reduce the full
+gradients, then average per codeword" on the same global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from gppq_dist.pq.gp import Assignment, apply_gp_gradient, codeword_gradient_sums, quantization_error
+from gppq_dist.pq.kmeans import LocalReducer, Reducer
+from gppq_dist.pq.plan import LayerPlan
+
+
+class GPUpdate:
+    """The eq. 6 gradient transform for ``plans`` of ``model``, psi fixed from ``assignments``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plans: list[LayerPlan],
+        assignments: Mapping[str, torch.Tensor],
+        mu: float,
+        reducer: Reducer | None = None,
+    ) -> None:
+        modules = dict(model.named_modules())
+        self.plans = list(plans)
+        self.weights = [modules[plan.name].weight for plan in self.plans]
+        self.assignments = [
+            Assignment.from_psi(assignments[plan.name].to(weight.device), plan.k)
+            for plan, weight in zip(self.plans, self.weights)
+        ]
+        self.mu = mu
+        self.reducer = reducer or LocalReducer()
+
+    def exclude_from_ddp(self, model: nn.Module) -> None:
+        """Keep DDP from all-reducing the quantized weights (call before wrapping in DDP)."""
+        names = [f"{plan.name}.weight" for plan in self.plans]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes one rank all-reduces per step for the quantized layers (fp32 sums)."""
+        return sum(a.k * plan.d * 4 for a, plan in zip(self.assignments, self.plans))
+
+    @torch.no_grad()
+    def transform_gradients_(self) -> None:
+        """Replace each quantized weight's ``.grad`` by the eq. 6 gradient, averaged over ranks."""
+        sums = []
+        for weight, plan, assignment in zip(self.weights, self.plans, self.assignments):
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            sums.append(codeword_gradient_sums(weight.grad.reshape(-1, plan.d), assignment).reshape(-1))
+        flat = torch.cat(sums)
+        if self.reducer.world_size > 1:
+            self.reducer.all_reduce_sum(flat)
+            flat /= self.reducer.world_size
+        for weight, plan, assignment, grad_sums in zip(
+            self.weights, self.plans, self.assignments, flat.split([s.numel() for s in sums])
+        ):
+            update = apply_gp_gradient(
+                weight.reshape(-1, plan.d), grad_sums.view(assignment.k, plan.d), assignment, self.mu
+            )
+            weight.grad.copy_(update.view_as(weight))
+
+    @torch.no_grad()
+    def gamma(self) -> float:
+        """The quantization loss Gamma (eq. 7): mean over layers of the mean squared error."""
+        errors = [
+            quantization_error(weight.reshape(-1, plan.d), assignment)
+            for weight, plan, assignment in zip(self.weights, self.plans, self.assignments)
+        ]
+        return float(torch.stack(errors).mean()) if errors else 0.0
