@@ -28,6 +28,8 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/kmeans_vs_faiss.py
 	$(BIN)/python benchmarks/kmeans_whole_model.py
+	$(BIN)/python benchmarks/data_loading.py
+	$(BIN)/python benchmarks/allreduce_bytes.py
 
 clean:
 	rm -rf runs data/digits .pytest_cache
