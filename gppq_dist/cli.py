@@ -257,6 +257,43 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 @app.command()
+def train(
+    config: Path = ConfigOption,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (runs torchrun for N > 1)"),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """G&P PQ: k-means, then the progressive update; writes <run dir>/gppq.gppq and summary.json.
+
+    Identical to: torchrun --nproc_per_node=N -m gppq_dist.train --config CFG
+    """
+    import os
+    import subprocess
+
+    if nproc > 1 and "RANK" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", "-m", "gppq_dist.train", "--config", str(config)]
+        for item in sets or []:
+            command += ["--set", item]
+        raise typer.Exit(subprocess.call(command))
+    from gppq_dist.distributed import init_distributed, shutdown
+    from gppq_dist.train.trainer import train as run_train
+
+    cfg = _config(config, None, sets)
+    context = init_distributed()
+    try:
+        summary = run_train(cfg, context)
+    finally:
+        shutdown()
+    if context.is_main:
+        stdout.print(
+            f"{summary['artifact']}: top-1 {summary['top1_quantized']:.2f}% quantized "
+            f"({summary['top1_raw']:.2f}% raw, baseline {summary['baseline_top1']:.2f}%, direct PQ "
+            f"{summary['direct_pq_top1']:.2f}%), {summary['size_mb']:.3f} MB, {summary['ratio']:.1f}x, "
+            f"Gamma {summary['gamma']:.2e}"
+        )
+
+
+@app.command()
 def pretrain(
     config: Path = ConfigOption,
     force: bool = typer.Option(False, "--force", help="train again even if a cached baseline fits"),

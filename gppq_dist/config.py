@@ -130,6 +130,18 @@ class PretrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class TrainConfig(_Strict):
+    """G&P PQ training (paper §4.1 defaults): SGD, ReduceLROnPlateau on the val loss."""
+
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(256, gt=0, description="global batch, split evenly over the ranks")
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-8, ge=0)
+    mu: float = Field(1e-3, ge=0, description="strength of the pull toward the codewords (eq. 6)")
+    plateau_patience: int = Field(2, ge=0, description="epochs without val-loss gain before lr / 10")
+
+
 class RunConfig(_Strict):
     name: str
     output_dir: str = "runs"
@@ -139,6 +151,7 @@ class RunConfig(_Strict):
     quantization: QuantizationConfig
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @property
     def run_dir(self) -> Path:

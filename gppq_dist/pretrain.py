@@ -24,6 +24,7 @@ from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
 from gppq_dist.models import build_model, save_weights
 from gppq_dist.progress import progress_bar
+from gppq_dist.train.loop import train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +78,10 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     with progress_bar("pretrain", total=steps) as advance:
         for epoch in range(1, hp.epochs + 1):
-            model.train()
             train_loader.set_epoch(epoch - 1)
-            loss_sum, seen = 0.0, 0
-            for images, labels in train_loader:
-                images, labels = images.to(device), labels.to(device)
-                loss = criterion(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.item() * labels.numel()
-                seen += labels.numel()
-                advance(1, status=f"epoch {epoch}/{hp.epochs} loss {loss.item():.3f}")
-            log.info("pretrain epoch %d/%d: train loss %.4f", epoch, hp.epochs, loss_sum / seen)
+            loss = train_epoch(model, train_loader, optimizer, criterion, device, advance,
+                               f"epoch {epoch}/{hp.epochs}", after_step=scheduler.step)
+            log.info("pretrain epoch %d/%d: train loss %.4f", epoch, hp.epochs, loss)
     metrics = evaluate(model, val_loader, device=device, label="baseline val")
     weights, record = baseline_paths(cfg)
     save_weights(model, weights)
