@@ -260,6 +260,7 @@ def _image_size(text: str) -> tuple[int, int]:
 def train(
     config: Path = ConfigOption,
     nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (runs torchrun for N > 1)"),
+    resume: str = typer.Option("none", "--resume", help="auto: continue from the newest checkpoint; none: start fresh"),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
     """G&P PQ: k-means, then the progressive update; writes <run dir>/gppq.gppq and summary.json.
@@ -271,17 +272,20 @@ def train(
 
     if nproc > 1 and "RANK" not in os.environ:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={nproc}", "-m", "gppq_dist.train", "--config", str(config)]
+                   f"--nproc_per_node={nproc}", "-m", "gppq_dist.train", "--config", str(config),
+                   "--resume", resume]
         for item in sets or []:
             command += ["--set", item]
         raise typer.Exit(subprocess.call(command))
     from gppq_dist.distributed import init_distributed, shutdown
     from gppq_dist.train.trainer import train as run_train
 
+    if resume not in ("auto", "none"):
+        raise UserError(f"--resume: expected 'auto' or 'none', got {resume!r}")
     cfg = _config(config, None, sets)
     context = init_distributed()
     try:
-        summary = run_train(cfg, context)
+        summary = run_train(cfg, context, resume=resume == "auto")
     finally:
         shutdown()
     if context.is_main:

@@ -83,12 +83,12 @@ def cluster(model: nn.Module, cfg: RunConfig, context: DistContext) -> Compresse
     return Compressed(model=model, plans=plans, results=results, kmeans_s=elapsed)
 
 
-def artifact_info(cfg: RunConfig, compressed: Compressed, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def artifact_info(cfg: RunConfig, gamma: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "arch": cfg.model.arch,
         "num_classes": cfg.model.num_classes,
         "method": "direct_pq",
-        "gamma": compressed.gamma,
+        "gamma": gamma,
         "preprocess": preprocess_info(cfg.data),
         "config": cfg.model_dump(mode="json"),
         **(extra or {}),
@@ -102,7 +102,7 @@ def compress(
     model = load_model(cfg, weights)
     compressed = cluster(model, cfg, context)
     artifact = build_artifact(model, compressed.plans, compressed.codebooks,
-                              compressed.assignments, artifact_info(cfg, compressed))
+                              compressed.assignments, artifact_info(cfg, compressed.gamma))
     summary = {
         "artifact": str(out),
         "layers": len(compressed.plans),

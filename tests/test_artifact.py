@@ -32,7 +32,7 @@ def compressed(tmp_path_factory):
     from gppq_dist.artifact import build_artifact
 
     artifact = build_artifact(model, result.plans, result.codebooks, result.assignments,
-                              artifact_info(cfg, result))
+                              artifact_info(cfg, result.gamma))
     path = directory / "model.gppq"
     file_bytes = write_artifact(artifact, path)
     return {"cfg": cfg, "model": model, "result": result, "artifact": artifact, "path": path,

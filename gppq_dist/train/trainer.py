@@ -22,6 +22,7 @@ from torch import nn
 
 from gppq_dist.artifact import build_artifact, snap_model_, write_artifact
 from gppq_dist.compress import artifact_info, cluster, load_model
+from gppq_dist.pq.plan import plan_layers
 from gppq_dist.config import RunConfig
 from gppq_dist.data.loaders import build_loader
 from gppq_dist.distributed import DistContext, reducer_for
@@ -30,6 +31,7 @@ from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
 from gppq_dist.pq.gp import cluster_means
 from gppq_dist.progress import progress_bar
+from gppq_dist.train import checkpoint
 from gppq_dist.train.gp_update import GPUpdate
 from gppq_dist.train.loop import train_epoch
 
@@ -61,8 +63,12 @@ def broadcast_buffers_(model: nn.Module, reducer) -> None:
         buffer.copy_(value.view_as(buffer))
 
 
-def train(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
-    """Run G&P PQ as configured; returns the summary (also written by rank 0)."""
+def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[str, Any]:
+    """Run G&P PQ as configured; returns the summary (also written by rank 0).
+
+    Rank 0 writes a checkpoint after every epoch; ``resume`` continues from the newest
+    readable one in the run folder (a fresh start when there is none).
+    """
     hp = cfg.train
     if hp.batch_size % context.world_size:
         raise ConfigError(
@@ -78,13 +84,19 @@ def train(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
     val_loader = build_loader(cfg.data, "val", **loader_args)
     device = train_loader.device
     model = load_model(cfg).to(device)
-    baseline = evaluate(model, val_loader, device, "baseline val", reducer)
-
-    compressed = cluster(model, cfg, context)
-    update = GPUpdate(model, compressed.plans, compressed.assignments, hp.mu, reducer)
-    direct = evaluate(snapped_copy(model, update), val_loader, device, "direct PQ val", reducer)
-    log.info("baseline top-1 %.2f%%, direct PQ top-1 %.2f%%, Gamma %.3e",
-             baseline["top1"], direct["top1"], update.gamma())
+    plans = plan_layers(model, cfg.quantization)
+    resumed = checkpoint.latest(cfg.run_dir) if resume else None
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        psi, baseline, direct = resumed["psi"], resumed["baseline"], resumed["direct"]
+    else:
+        baseline = evaluate(model, val_loader, device, "baseline val", reducer)
+        psi = cluster(model, cfg, context).assignments
+    update = GPUpdate(model, plans, psi, hp.mu, reducer)
+    if resumed is None:
+        direct = evaluate(snapped_copy(model, update), val_loader, device, "direct PQ val", reducer)
+        log.info("baseline top-1 %.2f%%, direct PQ top-1 %.2f%%, Gamma %.3e",
+                 baseline["top1"], direct["top1"], update.gamma())
 
     if context.distributed:
         update.exclude_from_ddp(model)
@@ -95,9 +107,16 @@ def train(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
                                 weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1,
                                                            patience=hp.plateau_patience)
-    history = []
-    with progress_bar("G&P PQ", total=hp.epochs * len(train_loader)) as advance:
-        for epoch in range(1, hp.epochs + 1):
+    history: list[dict[str, Any]] = []
+    first_epoch = 1
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        torch.set_rng_state(resumed["rng"])
+        history, first_epoch = resumed["history"], resumed["epoch"] + 1
+    steps = (hp.epochs - first_epoch + 1) * len(train_loader)
+    with progress_bar("G&P PQ", total=steps) as advance:
+        for epoch in range(first_epoch, hp.epochs + 1):
             train_loader.set_epoch(epoch - 1)
             train_loss = train_epoch(trained, train_loader, optimizer, nn.functional.cross_entropy, device,
                                      advance, f"epoch {epoch}/{hp.epochs}",
@@ -118,6 +137,13 @@ def train(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
                 "lr": optimizer.param_groups[0]["lr"],
             }
             history.append(record)
+            if context.is_main:
+                checkpoint.save(cfg.run_dir, epoch, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "psi": {n: p.cpu() for n, p in psi.items()},
+                    "rng": torch.get_rng_state(), "history": history,
+                    "baseline": baseline, "direct": direct,
+                })
             log.info("epoch %d/%d: train loss %.4f, top-1 quantized %.2f%% / raw %.2f%%, Gamma %.3e, lr %.1e",
                      epoch, hp.epochs, record["train_loss"], record["top1_quantized"], record["top1_raw"],
                      record["gamma"], record["lr"])
@@ -126,7 +152,7 @@ def train(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
     assignments = {plan.name: a.psi.cpu() for plan, a in zip(update.plans, update.assignments)}
     codebooks = {name: c.cpu() for name, c in codebooks_of(update).items()}
     artifact = build_artifact(final, update.plans, codebooks, assignments,
-                              artifact_info(cfg, compressed, {"method": "gppq", "gamma": update.gamma()}))
+                              artifact_info(cfg, update.gamma(), {"method": "gppq"}))
     summary = {
         "baseline_top1": baseline["top1"],
         "direct_pq_top1": direct["top1"],

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from gppq_dist.artifact import read_artifact, rebuild_model
 from gppq_dist.config import load_config
@@ -50,3 +51,37 @@ def test_train_one_process(tmp_path, digits_dir):
 def test_train_two_processes(tmp_path, digits_dir):
     summary, _ = run_and_check(tmp_path, digits_dir, "two", "--nproc", "2")
     assert summary["world_size"] == 2
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, digits_dir):
+    straight = digits_config(tmp_path, digits_dir, "straight")
+    gppq("train", "--config", straight, check=True)
+    split = digits_config(tmp_path, digits_dir, "split")
+    gppq("train", "--config", split, "--set", "train.epochs=1", check=True)  # "interrupted" after epoch 1
+    checkpoints = sorted((tmp_path / "runs" / "split" / "checkpoints").glob("epoch_*.pt"))
+    assert [p.name for p in checkpoints] == ["epoch_0001.pt"]
+    resumed = gppq("train", "--config", split, "--resume", "auto", check=True)
+    assert "resuming from" in resumed.stderr
+    one = read_artifact(tmp_path / "runs" / "straight" / "gppq.gppq")
+    two = read_artifact(tmp_path / "runs" / "split" / "gppq.gppq")
+    for name in one.codebooks:
+        assert torch.equal(one.codebooks[name], two.codebooks[name])
+        assert torch.equal(one.assignments[name], two.assignments[name])
+    for group in ("params", "bn_scale", "bn_shift"):
+        for name, tensor in getattr(one, group).items():
+            assert torch.equal(tensor, getattr(two, group)[name]), name
+    history = [json.loads((tmp_path / "runs" / run / "summary.json").read_text())["history"]
+               for run in ("straight", "split")]
+    assert history[0] == history[1]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, digits_dir):
+    config = digits_config(tmp_path, digits_dir, "damaged")
+    gppq("train", "--config", config, check=True)
+    folder = tmp_path / "runs" / "damaged" / "checkpoints"
+    newest = folder / "epoch_0002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    from gppq_dist.train import checkpoint
+
+    state = checkpoint.latest(tmp_path / "runs" / "damaged")
+    assert state["epoch"] == 1 and set(state["psi"]) and isinstance(state["history"], list)
