@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gppq_dist.errors import UserError
+from gppq_dist.io import atomic_path
 
 
 def available_archs() -> list[str]:
@@ -75,8 +76,6 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "model.weights")
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Write the state dict as safetensors, atomically (temp file, fsync, rename)."""
-    from gppq_dist.io import atomic_path
-
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
