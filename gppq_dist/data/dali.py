@@ -22,6 +22,12 @@ alone: resuming at epoch k gives the order an uninterrupted run has at epoch k, 
 stopping early (``break``) leaves nothing behind for the next epoch. Building a pipeline
 costs well under a second, small against an epoch.
 
+Mid-epoch position. Train pipelines are built with DALI checkpointing on
+(``enable_checkpointing``): :meth:`DaliLoader.position` is the DALI checkpoint of the batches
+consumed so far (reader position and every random generator's state, as a string), and a
+pipeline restored from it yields exactly the batches the interrupted one would have, the
+reader skipping the consumed files without decoding them.
+
 Last batch. Shards differ in size by at most one sample, so a rank could end up with one
 batch more than another and hang a collective. Train uses ``LastBatchPolicy.DROP``: the
 iterator, which knows every shard's size through ``reader_name``, drops partial batches
@@ -51,14 +57,15 @@ DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
 
 
-def build_pipeline(spec: LoaderSpec, device_id: int | None = None, shuffle_seed: int = 0, augment_seed: int = 0):
+def build_pipeline(spec: LoaderSpec, device_id: int | None = None, shuffle_seed: int = 0, augment_seed: int = 0,
+                   checkpoint: str | None = None):
     """An unbuilt DALI pipeline over ``spec.samples`` (path, label), shard ``spec.rank``.
 
     ``shuffle_seed`` orders the train files (equal on all ranks), ``augment_seed`` draws
     crops and flips. ``device_id=None`` runs everything on the CPU with
     ``max(1, data.workers)`` threads; an int decodes with nvJPEG (``mixed``) on that GPU
-    and runs the other ops there. Outputs: images float32 [B, 3, image_size, image_size],
-    labels int32 [B, 1].
+    and runs the other ops there. ``checkpoint`` (train only) restores a saved position.
+    Outputs: images float32 [B, 3, image_size, image_size], labels int32 [B, 1].
     """
     data, samples, train = spec.data, spec.samples, spec.train
     on_gpu = device_id is not None
@@ -68,7 +75,7 @@ def build_pipeline(spec: LoaderSpec, device_id: int | None = None, shuffle_seed:
 
     # DALI's CPU-only mode needs device_id=None (not 0, not -1).
     @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, data.workers), device_id=device_id,
-                  seed=augment_seed)
+                  seed=augment_seed, enable_checkpointing=train)
     def pipeline():
         jpegs, labels = fn.readers.file(
             files=[path for path, _ in samples],
@@ -104,7 +111,7 @@ def build_pipeline(spec: LoaderSpec, device_id: int | None = None, shuffle_seed:
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
         return images, labels.gpu() if on_gpu else labels
 
-    return pipeline()
+    return pipeline(**({"checkpoint": checkpoint} if checkpoint else {}))
 
 
 def _torchvision_resize_center_crop(jpegs, images, resize_size: int, crop_size: int):
@@ -148,13 +155,20 @@ class DaliLoader:
         self.spec = spec
         self.device_id = device_id
         self.epoch = 0
+        self.start_step, self.state = 0, ""
+        self._batches: DALIGenericIterator | None = None
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0, state: str = "") -> None:
+        self.epoch, self.start_step, self.state = epoch, start_step, state
+
+    def position(self) -> str:
+        if self._batches is None or not self.spec.train:
+            return ""
+        return self._batches.checkpoints()[0]
 
     def __len__(self) -> int:
         return self.spec.steps
@@ -169,14 +183,21 @@ class DaliLoader:
             # augmentation seed differs per rank (different crops of different images)
             shuffle_seed=derived_seed(spec.seed, self.epoch),
             augment_seed=derived_seed(spec.seed, self.epoch, spec.rank, 1),
+            checkpoint=self.state or None,
         )
+        # with no saved state, reach start_step by reading and dropping the batches before it
+        skip = 0 if self.state else self.start_step
+        self.start_step, self.state = 0, ""
         pipe.build()
         batches = DALIGenericIterator(
             [pipe], ["images", "labels"], reader_name=READER, auto_reset=False,
             last_batch_policy=LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL,
         )
+        self._batches = batches
         try:
-            for [batch] in batches:
-                yield batch["images"], batch["labels"].view(-1).long()
+            for index, [batch] in enumerate(batches):
+                if index >= skip:
+                    yield batch["images"], batch["labels"].view(-1).long()
         finally:
+            self._batches = None
             del batches, pipe

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
@@ -97,18 +97,58 @@ def shard_range(samples: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class SampleDataset(Dataset):
-    """``samples`` (path, label) read with PIL as RGB and passed through ``transform``."""
+    """``samples`` (path, label) read with PIL as RGB and passed through ``transform``.
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform):
+    With ``seed`` set, items are asked for as ``(index, epoch)`` and the transform draws its
+    randomness from a generator seeded by ``(seed, epoch, index)``: an image's crop and
+    flip depend on nothing else (not the worker, not the batches before it), so an epoch
+    resumed half-way sees exactly the crops of an uninterrupted one.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, seed: int | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item) -> tuple[torch.Tensor, int]:
+        if self.seed is None:
+            path, label = self.samples[item]
+            return self.transform(default_loader(path)), label
+        index, epoch = item
         path, label = self.samples[index]
-        return self.transform(default_loader(path)), label
+        image = default_loader(path)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stays untouched
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Train order of one rank: ``(index, epoch)`` pairs, like ``DistributedSampler``.
+
+    The whole set is permuted by ``(seed, epoch)`` (equal on all ranks), cut to a multiple
+    of ``world_size`` and dealt out round-robin; ``set_epoch(epoch, skip)`` also drops the
+    first ``skip`` indices of the rank's share, for the next pass only (a resumed epoch).
+    """
+
+    def __init__(self, samples: int, rank: int, world_size: int, seed: int):
+        self.samples, self.rank, self.world_size, self.seed = samples, rank, world_size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.samples // self.world_size - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(
+            derived_seed(self.seed, self.epoch)))
+        share = order[: self.samples // self.world_size * self.world_size][self.rank::self.world_size]
+        skip, self.skip = self.skip, 0  # a skip applies to one pass only
+        return iter([(int(index), self.epoch) for index in share[skip:]])
 
 
 class ShardSampler(Sampler[int]):
@@ -159,38 +199,42 @@ class TorchvisionLoader:
     """The torchvision counterpart of :class:`~gppq_dist.data.dali.DaliLoader`.
 
     Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on the CPU, ``spec.steps``
-    batches per epoch. Train: ``DistributedSampler`` (shuffled by ``seed + epoch``, tail
-    dropped) and full batches only. Val: the rank's contiguous shard once, last batch
-    partial. ``set_epoch`` picks the train order.
+    batches per epoch. Train: :class:`EpochSampler` (shuffled by ``(seed, epoch)``, tail
+    dropped), crops drawn per image from ``(seed, epoch, index)``, full batches only. Val:
+    the rank's contiguous shard once, last batch partial. ``set_epoch`` picks the train
+    order and, for a resumed epoch, the first batch; the position is implied by the epoch
+    and step, so :meth:`position` has nothing to add.
     """
 
     def __init__(self, spec: LoaderSpec):
         data = spec.data
-        transform = train_transform(data) if spec.train else val_transform(preprocess_info(data))
-        dataset = SampleDataset(spec.samples, transform)
+        self.spec = spec
         if spec.train:
-            self.sampler = DistributedSampler(dataset, num_replicas=spec.world_size, rank=spec.rank,
-                                              shuffle=True, seed=spec.seed, drop_last=True)
+            dataset = SampleDataset(spec.samples, train_transform(data), seed=spec.seed)
+            self.sampler: EpochSampler | ShardSampler = EpochSampler(
+                len(dataset), spec.rank, spec.world_size, spec.seed)
         else:
+            dataset = SampleDataset(spec.samples, val_transform(preprocess_info(data)))
             self.sampler = ShardSampler(len(dataset), spec.rank, spec.world_size)
-        # seeds the workers' augmentation RNGs; per rank, so ranks crop differently
         self.batches = DataLoader(
             dataset,
             batch_size=spec.batch_size,
             sampler=self.sampler,
             num_workers=data.workers,
             persistent_workers=data.workers > 0,
-            generator=torch.Generator().manual_seed(derived_seed(spec.seed, spec.rank)),
             drop_last=spec.train,
         )
         self.device = torch.device("cpu")
 
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0, state: str = "") -> None:
+        if isinstance(self.sampler, EpochSampler):
+            self.sampler.set_epoch(epoch, start_step * self.spec.batch_size)
+
+    def position(self) -> str:
+        return ""
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self.spec.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.batches)

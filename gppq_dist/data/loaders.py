@@ -47,7 +47,16 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_step: int = 0, state: str = "") -> None:
+        """Pick the epoch of the next ``iter()``; it yields batches ``start_step`` .. ``len - 1``.
+
+        ``state``: what :meth:`position` returned on this rank after batch ``start_step``
+        of that epoch, so the loader gets there without reading the skipped batches; with
+        "" it reads and drops them (DALI) or skips their indices (torchvision).
+        """
+
+    def position(self) -> str:
+        """Where the current ``iter()`` stands (after the batches yielded so far), as a string."""
 
 
 def build_loader(

@@ -160,3 +160,32 @@ def test_gpu_pipeline_matches_cpu_pipeline(folder):
     train = DaliLoader(LoaderSpec(samples, data, True, 4), device_id=0)
     images, labels = next(iter(train))
     assert images.shape == (4, 3, 32, 32) and images.is_cuda and labels.is_cuda
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("saved_position", [True, False])
+def test_a_resumed_epoch_yields_exactly_the_rest_of_the_epoch(folder, kind, saved_position):
+    # Rank 1 of 2, batch 4: 4 steps; stop after 2, then a new loader resumes at batch 2
+    # from the saved position (DALI: its checkpoint; torchvision: none needed), or with
+    # no position (DALI reads and drops the first batches). Same pixels, same labels.
+    data = data_config(folder)
+    samples = index_split(data, "train").samples
+    spec = LoaderSpec(samples, data, True, 4, rank=1, world_size=2, seed=3)
+    first = make_loader(kind, samples, data, True, 4, 1, 2, seed=3)
+    first.set_epoch(1)
+    whole, position = [], None
+    for step, batch in enumerate(first, start=1):
+        whole.append(batch)
+        if step == 2:
+            position = first.position()
+    assert len(whole) == spec.steps == 4
+    assert bool(position) == (kind == "dali")  # torchvision's position is the step itself
+    resumed = make_loader(kind, samples, data, True, 4, 1, 2, seed=3)
+    resumed.set_epoch(1, start_step=2, state=position if saved_position else "")
+    rest = list(resumed)
+    assert len(rest) == 2
+    for (images, labels), (expected_images, expected_labels) in zip(rest, whole[2:]):
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    resumed.set_epoch(1)  # the skip was for one pass: the next pass is the whole epoch again
+    again = list(resumed)
+    assert len(again) == 4 and torch.equal(again[0][0], whole[0][0])
