@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gppq_dist.errors import ConfigError
 
@@ -140,6 +140,19 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-8, ge=0)
     mu: float = Field(1e-3, ge=0, description="strength of the pull toward the codewords (eq. 6)")
     plateau_patience: int = Field(2, ge=0, description="epochs without val-loss gain before lr / 10")
+    checkpoint_every: int = Field(1000, ge=0, description="steps between mid-epoch checkpoints (0: epoch ends only)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward/backward under bf16 autocast; weights, G&P update and optimizer stay fp32")
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: str | None = Field(
+        None, description="DeepSpeed JSON (ZeRO stage 0/1/2) for engine: deepspeed, e.g. configs/deepspeed/zero1.json")
+
+    @model_validator(mode="after")
+    def _deepspeed_needs_a_config(self) -> "TrainConfig":
+        if self.engine == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("train.engine is deepspeed: set train.deepspeed_config to a DeepSpeed JSON "
+                             "file, e.g. configs/deepspeed/zero1.json")
+        return self
 
 
 class RunConfig(_Strict):

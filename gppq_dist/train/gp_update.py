@@ -56,20 +56,27 @@ class GPUpdate:
         return sum(a.k * plan.d * 4 for a, plan in zip(self.assignments, self.plans))
 
     @torch.no_grad()
-    def transform_gradients_(self) -> None:
-        """Replace each quantized weight's ``.grad`` by the eq. 6 gradient, averaged over ranks."""
+    def transform_gradients_(self, extra: torch.Tensor | None = None) -> None:
+        """Replace each quantized weight's ``.grad`` by the eq. 6 gradient, averaged over ranks.
+
+        ``extra`` (a small fp32 tensor, e.g. the step's loss) rides along in the same
+        all-reduce and is replaced in place by its mean over the ranks, at no extra message.
+        """
         sums = []
         for weight, plan, assignment in zip(self.weights, self.plans, self.assignments):
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
             sums.append(codeword_gradient_sums(weight.grad.reshape(-1, plan.d), assignment).reshape(-1))
+        if extra is not None:
+            sums.append(extra.detach().reshape(-1).to(torch.float32))
         flat = torch.cat(sums)
         if self.reducer.world_size > 1:
             self.reducer.all_reduce_sum(flat)
             flat /= self.reducer.world_size
-        for weight, plan, assignment, grad_sums in zip(
-            self.weights, self.plans, self.assignments, flat.split([s.numel() for s in sums])
-        ):
+        parts = flat.split([s.numel() for s in sums])
+        if extra is not None:
+            extra.copy_(parts[-1].view_as(extra))
+        for weight, plan, assignment, grad_sums in zip(self.weights, self.plans, self.assignments, parts):
             update = apply_gp_gradient(
                 weight.reshape(-1, plan.d), grad_sums.view(assignment.k, plan.d), assignment, self.mu
             )

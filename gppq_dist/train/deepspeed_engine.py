@@ -1,0 +1,240 @@
+"""The G&P step on DeepSpeed (ZeRO stage 0, 1 or 2), equal to the DDP engine's step.
+
+The model is split in two by what its parameters need:
+
+* The quantized weights (``update.weights``) keep the G&P path of
+  :class:`~gppq_dist.train.engine.DDPEngine`: only their K x d codeword-gradient sums are
+  all-reduced (:class:`~gppq_dist.train.gp_update.GPUpdate`, the step's loss riding along
+  for the finite/non-finite verdict), and a plain torch SGD steps them. That SGD is
+  ``optimizer``, the one the trainer's lr scheduler drives. They stay whole on every rank:
+  eq. 6 pulls each weight toward its codeword, which needs the whole layer.
+* Every other parameter (BatchNorm, biases, unquantized layers) is DeepSpeed's: an SGD with
+  the same hyperparameters, under the ZeRO stage of the JSON config. ZeRO-1 partitions its
+  momentum over the ranks, ZeRO-2 its gradients as well. Its lr is copied from
+  ``optimizer`` before each step.
+
+DeepSpeed wraps the whole model (it runs the forward and the backward) but manages only
+the parameters it was given: the ZeRO-1/2 optimizer hooks, reduces, partitions and clears
+the gradients of those alone. Stage 0 has no such optimizer: the engine's own all-reduce
+walks every parameter of the module, quantized weights included, so it is switched off
+(``enable_backward_allreduce``) and the engine's gradient all-reduce is called on the
+unquantized gradients only.
+
+The step is the DDP engine's, in the same order: the codeword sync (and the verdict); if
+the loss is finite on every rank, our SGD step, then DeepSpeed's; then every gradient is
+cleared. A non-finite loss skips both steps. DeepSpeed's own step is never entered then:
+with one micro-batch per step, ZeRO rebuilds its reduced gradient partition from scratch in
+every backward, so clearing the gradients discards the step completely.
+
+The math is the DDP engine's because the JSON is held to what keeps it so
+(:func:`check_deepspeed_config`): fp32 weights and fp32 gradient communication, one
+micro-batch per step, no gradient clipping (DeepSpeed's default clips the gradient norm to
+1.0: the engine sets 0), no optimizer or scheduler section (the trainer
+owns them), no ZeRO-3 (it would partition the quantized weights too), no ZeRO-Offload. The
+batch sizes in the file are not trusted: the engine fills them from the run,
+``train_micro_batch_size_per_gpu`` being the per-rank batch (``train.batch_size`` / world
+size), ``gradient_accumulation_steps`` 1 and ``train_batch_size`` the global batch.
+
+Mixed precision is ``train.precision: bf16``: torch autocast around ``forward``, as with
+DDP, never DeepSpeed's fp16/bf16 sections. DeepSpeed's forward switches an enclosing CUDA
+autocast off unless its own ``torch_autocast`` section is on (refused too: it would reduce
+Conv/Linear gradients in bf16), so the engine hands the caller's autocast state through to
+the model.
+
+DeepSpeed needs a process group even for one process. ``distributed=False`` uses a 1-rank
+group when one is up, and otherwise starts one (gloo over an in-process store, no
+rendezvous), which :func:`gppq_dist.distributed.shutdown` ends like any other.
+
+``state_dict()`` holds our SGD's state and DeepSpeed's optimizer state for this rank (its
+ZeRO partition, so ``sharded`` is true for stage 1 and 2), as plain containers: the loss
+scaler object (a constant 1 in fp32, restored from the live engine on load) and the
+parameter-slice map (read only by DeepSpeed's universal-checkpoint tooling) are left out.
+A ZeRO state holds this rank's partition of the unquantized fp32 weights, so loading it
+does not depend on whether the model's own state dict was loaded before or after; it must
+be loaded with the same world size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gppq_dist.config import TrainConfig
+from gppq_dist.errors import ConfigError
+from gppq_dist.train.engine import finite_mean, sgd
+from gppq_dist.train.gp_update import GPUpdate
+
+_PRECISION_SECTIONS = ("fp16", "bf16", "bfloat16", "amp", "torch_autocast")
+# Entries of a ZeRO optimizer's state dict that are not plain containers and that its
+# load_state_dict does not need: the loss scaler object (taken from the live optimizer when
+# absent) and the map of parameter slices (for DeepSpeed's universal-checkpoint tooling).
+_ZERO_STATE_DROPPED = ("loss_scaler", "param_slice_mappings")
+
+
+def check_deepspeed_config(ds_config: dict[str, Any], source: str = "DeepSpeed config") -> int:
+    """Refuse what would change the G&P math or the engine's ownership; returns the ZeRO stage."""
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(ds_config).__name__}")
+    for section in _PRECISION_SECTIONS:
+        value = ds_config.get(section)
+        if isinstance(value, dict) and value.get("enabled", False):
+            refuse(f"{section}.enabled", "DeepSpeed mixed precision is not supported: the G&P update and "
+                   "the optimizers run on fp32 weights; use train.precision: bf16 (autocast) instead")
+    communication = ds_config.get("communication_data_type")
+    if communication not in (None, "fp32", "float32"):
+        refuse("communication_data_type", "gradients are reduced in fp32; remove the key")
+    for section in ("optimizer", "scheduler"):
+        if section in ds_config:
+            refuse(section, "the trainer owns the optimizer (SGD from train.*) and the lr schedule; "
+                   "remove the section")
+    if ds_config.get("gradient_accumulation_steps", 1) != 1:
+        refuse("gradient_accumulation_steps", "must be 1: every step is one global batch (train.batch_size)")
+    if not ds_config.get("managed_gradient_accumulation", True):
+        refuse("managed_gradient_accumulation", "must be true (or absent): every step is one global batch")
+    if ds_config.get("gradient_clipping", 0.0):
+        refuse("gradient_clipping", "must be 0 (or absent): G&P PQ trains without gradient clipping")
+    zero = ds_config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        refuse("zero_optimization", "expected an object such as {\"stage\": 1}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2):
+        refuse("zero_optimization.stage", f"{stage} is not supported (0, 1 or 2): the quantized weights must "
+               "stay whole on every rank, which ZeRO-3 would partition")
+    offload = zero.get("offload_optimizer")
+    if zero.get("cpu_offload") or (isinstance(offload, dict) and offload.get("device", "none") != "none"):
+        refuse("zero_optimization.offload_optimizer", "ZeRO-Offload is not supported (it wants DeepSpeed's "
+               "CPU Adam; G&P PQ trains with SGD)")
+    if zero.get("elastic_checkpoint"):
+        refuse("zero_optimization.elastic_checkpoint", "not supported: each rank saves and restores its own "
+               "ZeRO partition")
+    return int(stage)
+
+
+def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a DeepSpeed JSON config (see :func:`check_deepspeed_config`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: '{path}' does not exist (expected a DeepSpeed JSON file)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    check_deepspeed_config(raw, source=str(path))
+    return raw
+
+
+def _ensure_process_group(distributed: bool) -> None:
+    """DeepSpeed runs on the default process group; one process gets a 1-rank gloo group."""
+    if dist.is_initialized():
+        if not distributed and dist.get_world_size() != 1:
+            raise ValueError(f"distributed=False, but the process group has {dist.get_world_size()} ranks")
+        return
+    if distributed:
+        raise ValueError("distributed=True, but no process group is initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+class _CallerAutocast(nn.Module):
+    """The model, run under the autocast state its caller passes in (DeepSpeed may reset it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, device_type: str, dtype: torch.dtype, enabled: bool) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return self.model(images)
+
+
+class DeepSpeedEngine:
+    """Quantized weights: codeword sync + torch SGD; the rest: DeepSpeed ZeRO stage 0/1/2."""
+
+    def __init__(
+        self, model: nn.Module, update: GPUpdate, hp: TrainConfig, ds_config: dict[str, Any], distributed: bool
+    ) -> None:
+        stage = check_deepspeed_config(ds_config)
+        _ensure_process_group(distributed)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set; torchrun sets it
+        import deepspeed  # slow to import: only when this engine is used
+
+        world_size = dist.get_world_size()
+        if hp.batch_size % world_size:
+            raise ConfigError(f"train.batch_size = {hp.batch_size} must split evenly over {world_size} ranks")
+        self.model = model
+        self.update = update
+        self.sharded = stage >= 1
+        quantized = {id(weight) for weight in update.weights}
+        self._rest = [p for p in model.parameters() if p.requires_grad and id(p) not in quantized]
+        self.optimizer = sgd(update.weights, hp)
+
+        config = copy.deepcopy(ds_config)
+        config.update(
+            train_batch_size=hp.batch_size,
+            train_micro_batch_size_per_gpu=hp.batch_size // world_size,
+            gradient_accumulation_steps=1,
+            # DeepSpeed clips the gradient norm to 1.0 unless told otherwise; G&P PQ does not clip
+            gradient_clipping=0.0,
+            # ZeRO-1/2 only vouch for Adam-like optimizers out of the box; SGD is elementwise
+            # and runs on the flat fp32 partition just as well.
+            zero_allow_untested_optimizer=True,
+        )
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=_CallerAutocast(model), model_parameters=self._rest, optimizer=sgd(self._rest, hp),
+            config=config, dist_init_required=False,
+        )
+        if stage == 0:
+            # Its all-reduce would take every gradient of the module; backward() reduces ours.
+            self.ds.enable_backward_allreduce = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device_type = images.device.type
+        return self.ds(images, device_type, torch.get_autocast_dtype(device_type),
+                       torch.is_autocast_enabled(device_type))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+        if not self.sharded and dist.get_world_size() > 1:
+            for param in self._rest:
+                if param.grad is None:  # unused this step: every rank must send the same tensors
+                    param.grad = torch.zeros_like(param)
+            self.ds.buffered_allreduce_fallback(grads=[param.grad for param in self._rest])
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        mean = finite_mean(loss, self.update)
+        if mean is not None:
+            self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            for group in self.ds.optimizer.param_groups:
+                group["lr"] = lr
+            self.ds.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ds.optimizer.zero_grad(set_to_none=True)  # its step clears them, a skipped step must too
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        ds_state = self.ds.optimizer.state_dict()
+        if self.sharded:
+            ds_state = {k: v for k, v in ds_state.items() if k not in _ZERO_STATE_DROPPED}
+            ds_state["zero_stage"] = int(ds_state["zero_stage"])  # an IntEnum: not a plain container
+        return {"optimizer": self.optimizer.state_dict(), "deepspeed": ds_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.ds.optimizer.load_state_dict(state["deepspeed"])
+            return
+        # ZeRO reads the entry of this rank from a list of every rank's state.
+        states = [None] * dist.get_world_size()
+        states[dist.get_rank()] = state["deepspeed"]
+        self.ds.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
