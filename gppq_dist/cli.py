@@ -260,24 +260,24 @@ def _image_size(text: str) -> tuple[int, int]:
 def train(
     config: Path = ConfigOption,
     nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (runs torchrun for N > 1)"),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0,
+                                     help="with --nproc: torchrun restarts after a failed rank (resuming)"),
     resume: str = typer.Option("none", "--resume", help="auto: continue from the newest checkpoint; none: start fresh"),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
     """G&P PQ: k-means, then the progressive update; writes <run dir>/gppq.gppq and summary.json.
 
-    Identical to: torchrun --nproc_per_node=N -m gppq_dist.train --config CFG
+    Identical to: torchrun --nproc_per_node=N [--max-restarts=R] -m gppq_dist.train --config CFG
     """
     import os
-    import subprocess
+
+    from gppq_dist.distributed import init_distributed, launch_local, shutdown
 
     if nproc > 1 and "RANK" not in os.environ:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={nproc}", "-m", "gppq_dist.train", "--config", str(config),
-                   "--resume", resume]
+        args = ["--config", str(config), "--resume", resume]
         for item in sets or []:
-            command += ["--set", item]
-        raise typer.Exit(subprocess.call(command))
-    from gppq_dist.distributed import init_distributed, shutdown
+            args += ["--set", item]
+        raise typer.Exit(launch_local(nproc, "gppq_dist.train", args, max_restarts))
     from gppq_dist.train.trainer import train as run_train
 
     if resume not in ("auto", "none"):
@@ -314,12 +314,13 @@ def pretrain(
 @app.command()
 def demo(
     config: Path = typer.Option(Path("configs/demo_digits.yaml"), "--config", "-c"),
+    nproc: int = typer.Option(2, "--nproc", min=1, help="processes for the G&P PQ stage (torchrun for N > 1)"),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
-    """The whole flow on the digits data: data, baseline (cached), direct PQ, eval, table."""
+    """The whole flow on the digits data: data, baseline (cached), direct PQ, G&P PQ, table."""
     from gppq_dist.demo import run_demo
 
-    rows = run_demo(_config(config, None, sets))
+    rows = run_demo(_config(config, None, sets), config, sets or [], nproc)
     table = Table(title="demo: ResNet-18 on digits, compressed")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "model" else "right")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,3 +96,47 @@ def reducer_for(context: DistContext):
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_to_main(obj: Any, context: DistContext) -> list[Any] | None:
+    """Every rank's ``obj`` (small, picklable, our own) as a list on rank 0; None elsewhere.
+
+    Used for per-rank state that rank 0 alone writes into a checkpoint (loader positions,
+    ZeRO optimizer partitions). One process: ``[obj]``.
+    """
+    if not context.distributed:
+        return [obj]
+    gathered: list[Any] | None = [None] * context.world_size if context.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group (``--max-restarts``); 0 otherwise."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def launch_local(nproc: int, module: str, args: list[str], max_restarts: int = 0) -> int:
+    """``torchrun --standalone --nproc_per_node=N --max-restarts=R -m module args``, run here.
+
+    Returns the exit status: 0, 2 when every failed rank stopped on a user error (each
+    rank printed its own ``error:`` line, torchrun's failure report would only repeat it
+    as a traceback), 1 otherwise (with one line naming the first rank that failed).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
+                        "-m", module, *args]))
+    except ChildFailedError as exc:
+        if all(failure.exitcode == 2 for failure in exc.failures.values()):
+            return 2
+        rank, failure = exc.get_first_failure()
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with status {failure.exitcode}")
+        logging.getLogger(__name__).error(
+            "rank %d of %d %s (its output is above); %d restart(s) allowed (--max-restarts)",
+            rank, nproc, how, max_restarts)
+        return 1
+    return 0

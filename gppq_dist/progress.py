@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -32,18 +32,29 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("gppq_dist").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+class Bar:
+    """``bar(n, status=...)`` advances the bar; ``active`` says whether anyone sees it
+    (callers skip work that only feeds the status text when it is not)."""
+
+    def __init__(self, progress: Progress | None = None, task: int | None = None) -> None:
+        self.progress, self.task = progress, task
+
+    @property
+    def active(self) -> bool:
+        return self.progress is not None
+
+    def __call__(self, steps: int = 1, status: str = "") -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=steps, status=status)
+
+
 @contextlib.contextmanager
-def progress_bar(label: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n, **fields)``; a bar on rank 0 in a terminal, silent elsewhere."""
+def progress_bar(label: str, total: int | None) -> Iterator[Bar]:
+    """Yield a :class:`Bar`: drawn on rank 0 in a terminal, silent elsewhere."""
     if not is_main_process() or not sys.stderr.isatty():
-        yield lambda *args, **kwargs: None
+        yield Bar()
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(label, total=total, status="")
-
-        def advance(steps: int = 1, status: str = "") -> None:
-            progress.update(task, advance=steps, status=status)
-
-        yield advance
+        yield Bar(progress, progress.add_task(label, total=total, status=""))

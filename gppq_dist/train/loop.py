@@ -1,4 +1,4 @@
-"""One training epoch, shared by the baseline pretraining and G&P PQ training."""
+"""One plain training epoch (the baseline pretraining)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ def train_epoch(
     device: torch.device,
     advance: Callable[..., None],
     status: str,
-    before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> float:
-    """Forward, backward, ``before_step`` (e.g. the G&P gradient transform), optimizer step,
-    ``after_step`` (e.g. a per-step lr schedule) for every batch; returns the mean loss."""
+    """Forward, backward, optimizer step, ``after_step`` (e.g. a per-step lr schedule) for
+    every batch; returns the mean loss."""
     model.train()
     loss_sum, seen = 0.0, 0
     for images, labels in loader:
@@ -28,8 +27,6 @@ def train_epoch(
         loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if before_step is not None:
-            before_step()
         optimizer.step()
         if after_step is not None:
             after_step()

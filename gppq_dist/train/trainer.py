@@ -3,10 +3,17 @@
 One process, or under torchrun (``torchrun --nproc_per_node=N -m gppq_dist.train --config
 CFG``): the initial k-means is sharded over the ranks, quantized weights are synchronised
 through per-codeword gradient sums (:class:`~gppq_dist.train.gp_update.GPUpdate`) and every
-other parameter through DDP. Every epoch scores the val set with quantization (each
-subvector snapped to its codeword, fp16 codebook as stored) and without, and logs Gamma.
-The final model is the snapped one; rank 0 writes it as ``<run dir>/gppq.gppq`` with
-``summary.json`` beside it.
+other parameter through DDP or DeepSpeed (:mod:`gppq_dist.train.engine`). Every epoch
+scores the val set with quantization (each subvector snapped to its codeword, fp16
+codebook as stored) and without, and logs Gamma. The final model is the snapped one; rank
+0 writes it as ``<run dir>/gppq.gppq`` with ``summary.json`` and the resolved
+``config.yaml`` beside it.
+
+Checkpoints (rank 0, atomic) every ``train.checkpoint_every`` steps and after every epoch
+hold everything a bit-identical continuation needs, down to each rank's position in the
+epoch. ``resume=True`` continues from the newest readable one; a torchrun restart
+(``--max-restarts``) always does. A non-finite loss stops the run before it touches the
+weights, naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -18,24 +25,32 @@ import time
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from gppq_dist.artifact import build_artifact, snap_model_, write_artifact
 from gppq_dist.compress import artifact_info, cluster, load_model
-from gppq_dist.pq.plan import plan_layers
 from gppq_dist.config import RunConfig
-from gppq_dist.data.loaders import build_loader
-from gppq_dist.distributed import DistContext, reducer_for
-from gppq_dist.errors import ConfigError
+from gppq_dist.data.loaders import build_loader, checked_samples
+from gppq_dist.distributed import DistContext, gather_to_main, reducer_for, restart_count
+from gppq_dist.errors import ConfigError, DataError, UserError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
 from gppq_dist.pq.gp import cluster_means
+from gppq_dist.pq.plan import plan_layers
 from gppq_dist.progress import progress_bar
 from gppq_dist.train import checkpoint
+from gppq_dist.train.engine import DDPEngine, Engine
 from gppq_dist.train.gp_update import GPUpdate
-from gppq_dist.train.loop import train_epoch
 
 log = logging.getLogger(__name__)
+
+# settings that may change between a checkpoint and the run that resumes it
+RESUMABLE_CHANGES = ("name", "output_dir", "train.epochs", "train.checkpoint_every", "data.workers")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the run stops before the step is applied."""
 
 
 def codebooks_of(update: GPUpdate) -> dict[str, torch.Tensor]:
@@ -63,12 +78,83 @@ def broadcast_buffers_(model: nn.Module, reducer) -> None:
         buffer.copy_(value.view_as(buffer))
 
 
-def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[str, Any]:
-    """Run G&P PQ as configured; returns the summary (also written by rank 0).
+def preflight(cfg: RunConfig, context: DistContext, reducer) -> None:
+    """Check the data on rank 0 first (the check is cached), then let the others through.
 
-    Rank 0 writes a checkpoint after every epoch; ``resume`` continues from the newest
-    readable one in the run folder (a fresh start when there is none).
+    Every rank would otherwise decode the whole data set at once on a cold cache. A
+    failure reaches every rank, so none is left waiting in a collective.
     """
+    ok, error = torch.ones(1), None
+    if context.is_main:
+        try:
+            for split in ("train", "val"):
+                checked_samples(cfg.data, split)
+        except DataError as exc:
+            ok.zero_()
+            error = exc
+    if context.distributed:
+        reducer.broadcast(ok, src=0)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise DataError(f"data check of '{cfg.data.root}' failed on rank 0 (its message says why)")
+
+
+def make_engine(cfg: RunConfig, model: nn.Module, update: GPUpdate, context: DistContext) -> Engine:
+    hp = cfg.train
+    if hp.engine == "ddp":
+        return DDPEngine(model, update, hp, context.distributed)
+    from gppq_dist.train.deepspeed_engine import DeepSpeedEngine, load_deepspeed_config
+
+    return DeepSpeedEngine(model, update, hp, load_deepspeed_config(hp.deepspeed_config), context.distributed)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def check_same_config(saved: dict[str, Any], cfg: RunConfig, path: str) -> None:
+    """Refuse to continue a checkpoint under different settings (a few may change)."""
+    old, new = _flat(saved), _flat(cfg.model_dump(mode="json"))
+    changed = [f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"checkpoint {path} was written with other settings: {', '.join(changed)}; resume with "
+            f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change) or start a new run "
+            "under another name"
+        )
+
+
+def load_resume_state(cfg: RunConfig, context: DistContext, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None for a fresh start (which must not clobber one)."""
+    if restart_count() > 0 and not resume:
+        log.info("torchrun restart %d: resuming from the newest checkpoint", restart_count())
+        resume = True
+    if resume:
+        state = checkpoint.latest(cfg.run_dir)
+        if state is None:
+            log.info("no checkpoint in %s: starting fresh", checkpoint.checkpoint_dir(cfg.run_dir))
+            return None
+        check_same_config(state["config"], cfg, state["path"])
+        return state
+    existing = checkpoint.saved(cfg.run_dir)
+    if existing:
+        raise UserError(
+            f"{checkpoint.checkpoint_dir(cfg.run_dir)} holds checkpoints of an earlier run (newest "
+            f"{existing[0].name}): continue it with --resume auto, or start over under another name "
+            "(or after removing that folder)"
+        )
+    return None
+
+
+def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[str, Any]:
+    """Run G&P PQ as configured; returns the summary (also written by rank 0)."""
     hp = cfg.train
     if hp.batch_size % context.world_size:
         raise ConfigError(
@@ -77,6 +163,11 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     reducer = reducer_for(context)
+    resumed = load_resume_state(cfg, context, resume)
+    if context.is_main:
+        write_text_atomic(cfg.run_dir / "config.yaml",
+                          yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    preflight(cfg, context, reducer)
     loader_args = dict(rank=context.rank, world_size=context.world_size,
                        local_rank=context.local_rank, seed=cfg.seed)
     train_loader = build_loader(cfg.data, "train", batch_size=hp.batch_size // context.world_size,
@@ -85,7 +176,6 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
     device = train_loader.device
     model = load_model(cfg).to(device)
     plans = plan_layers(model, cfg.quantization)
-    resumed = checkpoint.latest(cfg.run_dir) if resume else None
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         psi, baseline, direct = resumed["psi"], resumed["baseline"], resumed["direct"]
@@ -98,29 +188,86 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
         log.info("baseline top-1 %.2f%%, direct PQ top-1 %.2f%%, Gamma %.3e",
                  baseline["top1"], direct["top1"], update.gamma())
 
-    if context.distributed:
-        update.exclude_from_ddp(model)
-        trained: nn.Module = nn.parallel.DistributedDataParallel(model)
-    else:
-        trained = model
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1,
+    engine = make_engine(cfg, model, update, context)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
                                                            patience=hp.plateau_patience)
+    steps = len(train_loader)
     history: list[dict[str, Any]] = []
-    first_epoch = 1
+    epoch, batch, loss_sum, positions = 1, 0, 0.0, None
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
+        engine_state = resumed["engine"]
+        if engine.sharded:
+            if resumed["world_size"] != context.world_size:
+                raise UserError(
+                    f"checkpoint {resumed['path']} holds ZeRO optimizer partitions of "
+                    f"{resumed['world_size']} ranks; resume it with {resumed['world_size']} ranks"
+                )
+            engine_state = engine_state[context.rank]
+        engine.load_state_dict(engine_state)
         scheduler.load_state_dict(resumed["scheduler"])
         torch.set_rng_state(resumed["rng"])
-        history, first_epoch = resumed["history"], resumed["epoch"] + 1
-    steps = (hp.epochs - first_epoch + 1) * len(train_loader)
-    with progress_bar("G&P PQ", total=steps) as advance:
-        for epoch in range(first_epoch, hp.epochs + 1):
-            train_loader.set_epoch(epoch - 1)
-            train_loss = train_epoch(trained, train_loader, optimizer, nn.functional.cross_entropy, device,
-                                     advance, f"epoch {epoch}/{hp.epochs}",
-                                     before_step=update.transform_gradients_)
+        history, epoch, batch = resumed["history"], resumed["epoch"], resumed["batch"]
+        loss_sum = resumed["loss_sum"]
+        if resumed["epoch_done"]:
+            epoch, batch, loss_sum = epoch + 1, 0, 0.0
+        elif resumed["world_size"] == context.world_size:
+            positions = resumed["loader"]
+        else:
+            log.warning("checkpoint %s was written by %d ranks, this run has %d: epoch %d goes on at "
+                        "batch %d in this world size's order", resumed["path"], resumed["world_size"],
+                        context.world_size, epoch, batch)
+    global_step = (epoch - 1) * steps + batch
+    last_saved = resumed["path"] if resumed is not None else None
+
+    def save(epoch_done: bool) -> None:
+        nonlocal last_saved
+        loader_positions = gather_to_main(train_loader.position(), context)
+        engine_state = gather_to_main(engine.state_dict(), context) if engine.sharded else engine.state_dict()
+        if context.is_main:
+            last_saved = str(checkpoint.save(cfg.run_dir, global_step, {
+                "model": model.state_dict(), "engine": engine_state, "scheduler": scheduler.state_dict(),
+                "psi": {n: p.cpu() for n, p in psi.items()}, "rng": torch.get_rng_state(),
+                "history": history, "baseline": baseline, "direct": direct, "config": cfg.model_dump(mode="json"),
+                "epoch": epoch, "batch": batch, "epoch_done": epoch_done, "loss_sum": loss_sum,
+                "world_size": context.world_size, "loader": loader_positions,
+            }))
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.precision == "bf16")
+    images_per_step = hp.batch_size
+    with progress_bar("G&P PQ", total=(hp.epochs - epoch + 1) * steps - batch) as bar:
+        gamma, shown = update.gamma(), time.perf_counter()
+        while epoch <= hp.epochs:
+            state = positions[context.rank] if positions else ""
+            train_loader.set_epoch(epoch - 1, start_step=batch, state=state)
+            positions = None
+            engine.model.train()
+            epoch_start, done_here = time.perf_counter(), 0
+            for images, labels in train_loader:
+                images, labels = images.to(device), labels.to(device)
+                with autocast:
+                    loss = nn.functional.cross_entropy(engine.forward(images), labels)
+                engine.backward(loss)
+                mean = engine.step(loss)
+                batch += 1
+                global_step += 1
+                if mean is None:
+                    kept = (f"the last good checkpoint, {last_saved}, is kept: continue from it with "
+                            "--resume auto" if last_saved else "no checkpoint had been written yet")
+                    raise TrainingDiverged(
+                        f"the training loss is not finite ({loss.item()} on rank {context.rank}) at step "
+                        f"{global_step} (epoch {epoch}, batch {batch}/{steps}); the run stopped before "
+                        f"applying that step and {kept}. Lower train.lr (now {engine.optimizer.param_groups[0]['lr']:g})"
+                        f" or train.mu (now {hp.mu:g}) if it recurs"
+                    )
+                loss_sum += mean
+                done_here += 1
+                now = time.perf_counter()
+                if bar.active and now - shown > 1.0:  # Gamma for the bar, at most once a second
+                    gamma, shown = update.gamma(), now
+                bar(1, status=f"epoch {epoch}/{hp.epochs} loss {mean:.3f} Gamma {gamma:.2e} "
+                              f"{done_here * images_per_step / max(now - epoch_start, 1e-9):.0f} img/s")
+                if hp.checkpoint_every and global_step % hp.checkpoint_every == 0 and batch < steps:
+                    save(epoch_done=False)
             # DDP syncs BN statistics at the start of a forward pass, so after the last step
             # each rank still holds its own: take rank 0's, which the artifact will hold.
             broadcast_buffers_(model, reducer)
@@ -129,40 +276,41 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
             scheduler.step(quantized["loss"])
             record = {
                 "epoch": epoch,
-                "train_loss": train_loss,
+                "train_loss": loss_sum / max(1, batch),
                 "top1_raw": raw["top1"],
                 "top1_quantized": quantized["top1"],
                 "val_loss_quantized": quantized["loss"],
                 "gamma": update.gamma(),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": engine.optimizer.param_groups[0]["lr"],
             }
             history.append(record)
-            if context.is_main:
-                checkpoint.save(cfg.run_dir, epoch, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "psi": {n: p.cpu() for n, p in psi.items()},
-                    "rng": torch.get_rng_state(), "history": history,
-                    "baseline": baseline, "direct": direct,
-                })
+            save(epoch_done=True)
             log.info("epoch %d/%d: train loss %.4f, top-1 quantized %.2f%% / raw %.2f%%, Gamma %.3e, lr %.1e",
                      epoch, hp.epochs, record["train_loss"], record["top1_quantized"], record["top1_raw"],
                      record["gamma"], record["lr"])
+            epoch, batch, loss_sum = epoch + 1, 0, 0.0
 
     final = snapped_copy(model, update).cpu()
     assignments = {plan.name: a.psi.cpu() for plan, a in zip(update.plans, update.assignments)}
     codebooks = {name: c.cpu() for name, c in codebooks_of(update).items()}
     artifact = build_artifact(final, update.plans, codebooks, assignments,
                               artifact_info(cfg, update.gamma(), {"method": "gppq"}))
+    last = history[-1] if history else {"top1_quantized": direct["top1"], "top1_raw": baseline["top1"],
+                                        "gamma": update.gamma()}
     summary = {
         "baseline_top1": baseline["top1"],
         "direct_pq_top1": direct["top1"],
-        "top1_quantized": history[-1]["top1_quantized"],
-        "top1_raw": history[-1]["top1_raw"],
-        "gamma": history[-1]["gamma"],
+        "top1_quantized": last["top1_quantized"],
+        "top1_raw": last["top1_raw"],
+        "gamma": last["gamma"],
         "size_mb": artifact.accounted_bytes / 2**20,
         "ratio": artifact.info["fp32_bytes"] / artifact.accounted_bytes,
         "epochs": hp.epochs,
+        "steps": global_step,
         "world_size": context.world_size,
+        "engine": hp.engine,
+        "precision": hp.precision,
+        "resumed_from": resumed["path"] if resumed is not None else None,
         "history": history,
     }
     if context.is_main:
