@@ -11,6 +11,7 @@ from tests.conftest import CONFIGS, gppq
 def test_demo_end_to_end(tmp_path):
     result = gppq("demo", "--config", CONFIGS / "demo_digits.yaml", cwd=tmp_path, check=True)
     summary = json.loads((tmp_path / "runs" / "demo_digits" / "summary.json").read_text())
+    assert summary["world_size"] == 2  # G&P PQ ran on two processes (torchrun, gloo)
     assert summary["baseline_top1"] >= 95.0
     # G&P PQ recovers what direct PQ loses (goal: within 1.5 points of the baseline)
     assert summary["top1_quantized"] >= summary["baseline_top1"] - 1.5
