@@ -155,6 +155,31 @@ class TrainConfig(_Strict):
         return self
 
 
+class TrackingConfig(_Strict):
+    """MLflow tracking (rank 0 only)."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None, description="tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
+    experiment: str = Field("gppq", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name; default: the config's name")
+    parent_run_id: str | None = Field(None, description="nest this run under another (set by gppq sweep)")
+    log_every: int = Field(10, gt=0, description="steps between per-step metric records")
+
+
+class LaunchConfig(_Strict):
+    """Defaults for `gppq submit` / `gppq sweep` (each can be overridden on the command line)."""
+
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0, description="one process per GPU; 0: CPU jobs")
+    cpu_tasks_per_node: int = Field(1, gt=0, description="processes per node for CPU jobs (gpus_per_node: 0)")
+    cpus_per_task: int = Field(1, gt=0)
+    mem_gb: int | None = Field(None, gt=0)
+    partition: str | None = None
+    timeout_min: int = Field(60, gt=0)
+    folder: str = Field("runs/slurm", description="submitit's logs and pickles")
+
+
 class RunConfig(_Strict):
     name: str
     output_dir: str = "runs"
@@ -165,6 +190,8 @@ class RunConfig(_Strict):
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -45,8 +45,10 @@ from gppq_dist.train.gp_update import GPUpdate
 
 log = logging.getLogger(__name__)
 
-# settings that may change between a checkpoint and the run that resumes it
-RESUMABLE_CHANGES = ("name", "output_dir", "train.epochs", "train.checkpoint_every", "data.workers")
+# settings that may change between a checkpoint and the run that resumes it (a key, or a
+# whole section ending in ".")
+RESUMABLE_CHANGES = ("name", "output_dir", "train.epochs", "train.checkpoint_every", "data.workers",
+                     "tracking.", "launch.")
 
 
 class TrainingDiverged(UserError):
@@ -122,7 +124,7 @@ def check_same_config(saved: dict[str, Any], cfg: RunConfig, path: str) -> None:
     """Refuse to continue a checkpoint under different settings (a few may change)."""
     old, new = _flat(saved), _flat(cfg.model_dump(mode="json"))
     changed = [f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in sorted(set(old) | set(new))
-               if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES]
+               if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise ConfigError(
             f"checkpoint {path} was written with other settings: {', '.join(changed)}; resume with "
