@@ -77,10 +77,15 @@ class GPUpdate:
         if extra is not None:
             extra.copy_(parts[-1].view_as(extra))
         for weight, plan, assignment, grad_sums in zip(self.weights, self.plans, self.assignments, parts):
+            grad = weight.grad
+            # The raw gradient has been summed: the eq. 6 gradient is written over it.
+            in_place = grad.is_contiguous() and grad.dtype == grad_sums.dtype
             update = apply_gp_gradient(
-                weight.reshape(-1, plan.d), grad_sums.view(assignment.k, plan.d), assignment, self.mu
+                weight.detach().reshape(-1, plan.d), grad_sums.view(assignment.k, plan.d), assignment, self.mu,
+                out=grad.view(-1, plan.d) if in_place else None,
             )
-            weight.grad.copy_(update.view_as(weight))
+            if not in_place:
+                grad.copy_(update.view_as(grad))
 
     @torch.no_grad()
     def gamma(self) -> float:
