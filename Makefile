@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/kmeans_whole_model.py
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/allreduce_bytes.py
+	$(BIN)/python benchmarks/step_time.py
 
 clean:
 	rm -rf runs data/digits .pytest_cache
