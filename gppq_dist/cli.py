@@ -330,6 +330,11 @@ def demo(
     stdout.print(table)
 
 
+from gppq_dist.tracking.cli import register as register_tracking  # noqa: E402  (gppq mlflow sync, gppq compare)
+
+register_tracking(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     from gppq_dist.progress import setup_logging
 

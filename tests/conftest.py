@@ -21,6 +21,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory):
+    """Runs started by the tests track into a scratch store, not ./mlflow.db of the checkout
+    (set in os.environ, so the `gppq` subprocesses inherit it; tests that need a server
+    pass tracking.uri explicitly)."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 def write_config(directory: Path, name: str = "tiny", **sections) -> Path:
     """A small ResNet-18 config (10 classes) with the small-block rules, overridable per section."""
     raw = {

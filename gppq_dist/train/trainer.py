@@ -39,6 +39,7 @@ from gppq_dist.io import write_text_atomic
 from gppq_dist.pq.gp import cluster_means
 from gppq_dist.pq.plan import plan_layers
 from gppq_dist.progress import progress_bar
+from gppq_dist.tracking import NullTracker, open_tracker
 from gppq_dist.train import checkpoint
 from gppq_dist.train.engine import DDPEngine, Engine
 from gppq_dist.train.gp_update import GPUpdate
@@ -156,7 +157,10 @@ def load_resume_state(cfg: RunConfig, context: DistContext, resume: bool) -> dic
 
 
 def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[str, Any]:
-    """Run G&P PQ as configured; returns the summary (also written by rank 0)."""
+    """Run G&P PQ as configured; returns the summary (also written by rank 0).
+
+    Rank 0 tracks the run (:mod:`gppq_dist.tracking`); a run that raises ends there as FAILED.
+    """
     hp = cfg.train
     if hp.batch_size % context.world_size:
         raise ConfigError(
@@ -169,6 +173,13 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
     if context.is_main:
         write_text_atomic(cfg.run_dir / "config.yaml",
                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    with open_tracker(cfg, context, resumed=resumed is not None) as tracker:
+        return _train(cfg, context, reducer, resumed, tracker, start)
+
+
+def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any] | None,
+           tracker: NullTracker, start: float) -> dict[str, Any]:
+    hp = cfg.train
     preflight(cfg, context, reducer)
     loader_args = dict(rank=context.rank, world_size=context.world_size,
                        local_rank=context.local_rank, seed=cfg.seed)
@@ -266,8 +277,10 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
                 now = time.perf_counter()
                 if bar.active and now - shown > 1.0:  # Gamma for the bar, at most once a second
                     gamma, shown = update.gamma(), now
-                bar(1, status=f"epoch {epoch}/{hp.epochs} loss {mean:.3f} Gamma {gamma:.2e} "
-                              f"{done_here * images_per_step / max(now - epoch_start, 1e-9):.0f} img/s")
+                rate = done_here * images_per_step / max(now - epoch_start, 1e-9)
+                bar(1, status=f"epoch {epoch}/{hp.epochs} loss {mean:.3f} Gamma {gamma:.2e} {rate:.0f} img/s")
+                if global_step % cfg.tracking.log_every == 0:
+                    tracker.log_step(global_step, mean, engine.optimizer.param_groups[0]["lr"], rate)
                 if hp.checkpoint_every and global_step % hp.checkpoint_every == 0 and batch < steps:
                     save(epoch_done=False)
             # DDP syncs BN statistics at the start of a forward pass, so after the last step
@@ -286,6 +299,7 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
                 "lr": engine.optimizer.param_groups[0]["lr"],
             }
             history.append(record)
+            tracker.log_epoch(record)
             save(epoch_done=True)
             log.info("epoch %d/%d: train loss %.4f, top-1 quantized %.2f%% / raw %.2f%%, Gamma %.3e, lr %.1e",
                      epoch, hp.epochs, record["train_loss"], record["top1_quantized"], record["top1_raw"],
@@ -321,6 +335,7 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
         summary["artifact"] = str(path)
         summary["wall_s"] = time.perf_counter() - start
         write_text_atomic(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
+        tracker.finish(summary)
     return summary
 
 
