@@ -330,6 +330,10 @@ def demo(
     stdout.print(table)
 
 
+from gppq_dist.launch.cli import register as register_launch  # noqa: E402  (gppq submit, gppq sweep)
+
+register_launch(app)
+
 from gppq_dist.tracking.cli import register as register_tracking  # noqa: E402  (gppq mlflow sync, gppq compare)
 
 register_tracking(app)

@@ -164,6 +164,7 @@ def reference(tmp_path_factory, digits_dir):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(1500)  # a whole 2-rank run (or two) on 2 busy cores
 def test_train_two_processes_and_resume_mid_epoch(reference, tmp_path, digits_dir):
     folder, _ = reference
     summary = check_run(folder, "two")
@@ -185,6 +186,7 @@ def wait_until(condition, timeout, what):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(1500)  # a whole 2-rank run (or two) on 2 busy cores
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_finishes_identically(reference, tmp_path, digits_dir):
     config = digits_config(tmp_path, digits_dir, "two")  # same settings as the reference
     run = tmp_path / "runs" / "two"
@@ -219,6 +221,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_finishes_identically
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(1500)  # a whole 2-rank run (or two) on 2 busy cores
 def test_two_torchrun_agents_meet_through_a_c10d_rendezvous(reference, tmp_path, digits_dir):
     config = digits_config(tmp_path, digits_dir, "two")
     endpoint = f"127.0.0.1:{free_port()}"
@@ -244,6 +247,7 @@ def test_two_torchrun_agents_meet_through_a_c10d_rendezvous(reference, tmp_path,
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(1500)  # a whole 2-rank run (or two) on 2 busy cores
 def test_deepspeed_zero2_trains_as_ddp_does_and_resumes_bit_identically(reference, tmp_path, digits_dir):
     config = digits_config(tmp_path, digits_dir, "two", engine="deepspeed",
                            deepspeed_config=str(CONFIGS / "deepspeed" / "zero2.json"))
