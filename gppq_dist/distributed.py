@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from gppq_dist.errors import UserError
 
@@ -73,12 +74,33 @@ def init_distributed(device: str = "auto") -> DistContext:
         )
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    backend = "nccl" if use_cuda else "gloo"
+    store = _attempt_store(world_size)
+    if store is None:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size)
     logging.getLogger(__name__).info(
         "joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(),
         dist.get_backend(),
     )
     return _context(dist.get_rank(), dist.get_world_size(), local_rank, use_cuda)
+
+
+def _attempt_store(world_size: int) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix of its own for this restart attempt.
+
+    torchrun's workers share the agent's TCPStore, which outlives a restart
+    (``--max-restarts``), and torch 2.14 no longer separates the attempts' keys: a restarted
+    rank could read the killed incarnation's gloo address of a peer and fail to connect
+    (seen after SIGKILL of one rank). A ``PrefixStore`` per ``TORCHELASTIC_RESTART_COUNT``
+    gives every attempt a clean set of keys. None outside torchrun's agent store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"gppq_dist/attempt_{restart_count()}/", client)
 
 
 def _context(rank: int, world_size: int, local_rank: int, use_cuda: bool) -> DistContext:
