@@ -5,17 +5,20 @@ a fixed seeded batch of random images and labels, the ResNet-18 small-block regi
 ``configs/resnet18_small_blocks.yaml`` (planned by ``plan_layers``; psi from a few
 ``kmeans_many`` iterations on the model's weights: setup, not timed). Two copies of the
 model start from the same weights, one per kind of step, each with its own optimizer
-(``sgd``: momentum 0.9, weight decay 1e-8, the config's lr):
+(SGD: momentum 0.9, weight decay 1e-8, the config's lr):
 
 - plain: forward, cross-entropy, backward, ``optimizer.step()``, ``zero_grad``;
-- G&P: the same through ``DDPEngine(distributed=False)``, whose ``step`` runs
-  ``GPUpdate.transform_gradients_(extra=loss)`` between backward and the optimizer step.
+- G&P (the trainer's step): the same through ``DDPEngine(distributed=False)``, whose
+  ``step`` takes the codeword gradient sums (``GPUpdate.reduced_gradient_sums``, the loss
+  riding along) and steps the quantized weights with ``GPSGD`` (eq. 6 folded into SGD),
+  the rest with plain SGD;
+- G&P generic: ``GPUpdate.transform_gradients_`` (eq. 6 written into ``.grad``), then a
+  plain ``torch.optim.SGD`` over all parameters: the path any torch optimizer can take.
 
-After a warm-up of both, blocks of ``--steps`` steps of each kind alternate
-(``--repeats`` times, the order flipped every repeat) so that the machine's noise hits
-both; every step is timed on its own and the median per step is reported, with the
-ratio G&P / plain (also as the median over repeats of the ratio of two adjacent blocks),
-and the transform alone (timed inside the G&P step) with its share of the G&P step. The
+After a warm-up, blocks of ``--steps`` steps of each kind alternate (``--repeats`` times,
+the order reversed every repeat) so that the machine's noise hits all of them; every step
+is timed on its own and the median per step is reported, with the ratio to plain (also as
+the median over repeats of the ratio of adjacent blocks). The
 1-min load average is printed: other processes on the cores (a 2-thread run on 2 cores
 is hit hard) skew the result. Prints a Markdown table and writes it to
 ``benchmarks/results/step_time.md``.
@@ -58,22 +61,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-class TimedUpdate:
-    """Wraps a :class:`GPUpdate` so that each ``transform_gradients_`` call is timed."""
-
-    def __init__(self, update: GPUpdate) -> None:
-        self.update = update
-        self.seconds: list[float] = []
-
-    def transform_gradients_(self, extra: torch.Tensor | None = None) -> None:
-        start = time.perf_counter()
-        self.update.transform_gradients_(extra=extra)
-        self.seconds.append(time.perf_counter() - start)
-
-    def __getattr__(self, name: str):
-        return getattr(self.update, name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "resnet18_small_blocks.yaml"))
@@ -95,6 +82,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     plain_model = build_model(cfg.model.arch, cfg.model.num_classes)
     gp_model = copy.deepcopy(plain_model)
+    generic_model = copy.deepcopy(plain_model)
     plans = plan_layers(gp_model, cfg.quantization)
 
     # Setup (not timed): psi from a few k-means iterations on the model's weights.
@@ -110,11 +98,12 @@ def main() -> None:
     )
     assignments = {p.name: r.assignments for p, r in zip(plans, results)}
     setup_s = time.perf_counter() - setup_start
-    timed_update = TimedUpdate(GPUpdate(gp_model, plans, assignments, mu=hp.mu))
-    engine = DDPEngine(gp_model, timed_update, hp, distributed=False)  # type: ignore[arg-type]
+    engine = DDPEngine(gp_model, GPUpdate(gp_model, plans, assignments, mu=hp.mu), hp, distributed=False)
+    generic_update = GPUpdate(generic_model, plans, assignments, mu=hp.mu)
+    generic_optimizer = sgd(generic_model.parameters(), hp)
     plain_optimizer = sgd(plain_model.parameters(), hp)
-    plain_model.train()
-    gp_model.train()
+    for model in (plain_model, gp_model, generic_model):
+        model.train()
 
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=generator)
@@ -133,14 +122,20 @@ def main() -> None:
         if engine.step(loss) is None:
             raise RuntimeError("G&P step skipped: loss not finite")
 
-    steps = {"plain": plain_step, "G&P": gp_step}
+    def generic_step() -> None:
+        loss = criterion(generic_model(images), labels)
+        loss.backward()
+        generic_update.transform_gradients_(extra=loss.detach().reshape(1).clone())
+        generic_optimizer.step()
+        generic_optimizer.zero_grad(set_to_none=True)
+
+    steps = {"plain": plain_step, "G&P": gp_step, "G&P generic": generic_step}
     times: dict[str, list[float]] = {name: [] for name in steps}
-    pair_ratios: list[float] = []  # per repeat: median G&P step / median plain step of its two blocks
+    pair_ratios: dict[str, list[float]] = {name: [] for name in steps if name != "plain"}
     load_before = os.getloadavg()[0]
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    timed_update.seconds.clear()
     for repeat in range(args.repeats):
         order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
         for name in order:
@@ -148,14 +143,11 @@ def main() -> None:
                 start = time.perf_counter()
                 steps[name]()
                 times[name].append(time.perf_counter() - start)
-        pair_ratios.append(
-            statistics.median(times["G&P"][-args.steps:]) / statistics.median(times["plain"][-args.steps:])
-        )
+        for name, ratios in pair_ratios.items():
+            ratios.append(statistics.median(times[name][-args.steps:]) / statistics.median(times["plain"][-args.steps:]))
 
-    plain_ms = statistics.median(times["plain"]) * 1e3
-    gp_ms = statistics.median(times["G&P"]) * 1e3
-    transform_ms = statistics.median(timed_update.seconds) * 1e3
-    ratio = gp_ms / plain_ms
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    ratio = ms["G&P"] / ms["plain"]
     quantized = sum(torch.Size(p.shape).numel() for p in plans)
     total = sum(p.numel() for p in gp_model.parameters())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -172,15 +164,17 @@ def main() -> None:
         "",
         "| step | ms/step | ratio |",
         "|---|---:|---:|",
-        f"| plain (fwd, CE, bwd, SGD, zero_grad) | {plain_ms:.1f} | 1.00x |",
-        f"| G&P (plain + transform_gradients_) | {gp_ms:.1f} | {ratio:.3f}x |",
-        f"| transform_gradients_ alone | {transform_ms:.1f} | {transform_ms / gp_ms:.1%} of G&P |",
+        f"| plain (forward, cross-entropy, backward, SGD, zero_grad) | {ms['plain']:.1f} | 1.00x |",
+        f"| G&P, the trainer's step (codeword sums + GPSGD, SGD for the rest) | {ms['G&P']:.1f} | {ratio:.3f}x |",
+        f"| G&P generic (eq. 6 into .grad, then torch SGD) | {ms['G&P generic']:.1f} | "
+        f"{ms['G&P generic'] / ms['plain']:.3f}x |",
         "",
-        f"ratio as the median over the {args.repeats} adjacent plain/G&P block pairs: "
-        f"{statistics.median(pair_ratios):.3f}x (range {min(pair_ratios):.3f}-{max(pair_ratios):.3f})",
-        f"spread (min-max ms): plain {min(times['plain']) * 1e3:.1f}-{max(times['plain']) * 1e3:.1f}, "
-        f"G&P {min(times['G&P']) * 1e3:.1f}-{max(times['G&P']) * 1e3:.1f}, "
-        f"transform {min(timed_update.seconds) * 1e3:.1f}-{max(timed_update.seconds) * 1e3:.1f}",
+        "ratio as the median over the adjacent block pairs: " + ", ".join(
+            f"{name} {statistics.median(r):.3f}x (range {min(r):.3f}-{max(r):.3f})" for name, r in pair_ratios.items()
+        ),
+        "spread (min-max ms): " + ", ".join(
+            f"{name} {min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}" for name, t in times.items()
+        ),
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
         f"{cores} cores available ({cpu_model()}); 1-min load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after (other processes on the cores skew both kinds of step)",

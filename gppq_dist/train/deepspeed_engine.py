@@ -5,8 +5,9 @@ The model is split in two by what its parameters need:
 * The quantized weights (``update.weights``) keep the G&P path of
   :class:`~gppq_dist.train.engine.DDPEngine`: only their K x d codeword-gradient sums are
   all-reduced (:class:`~gppq_dist.train.gp_update.GPUpdate`, the step's loss riding along
-  for the finite/non-finite verdict), and a plain torch SGD steps them. That SGD is
-  ``optimizer``, the one the trainer's lr scheduler drives. They stay whole on every rank:
+  for the finite/non-finite verdict), and SGD with the G&P update folded in
+  (:class:`~gppq_dist.pq.gp_sgd.GPSGD`) steps them. That is ``optimizer``, the one the
+  trainer's lr scheduler drives. They stay whole on every rank:
   eq. 6 pulls each weight toward its codeword, which needs the whole layer.
 * Every other parameter (BatchNorm, biases, unquantized layers) is DeepSpeed's: an SGD with
   the same hyperparameters, under the ZeRO stage of the JSON config. ZeRO-1 partitions its
@@ -21,7 +22,7 @@ walks every parameter of the module, quantized weights included, so it is switch
 unquantized gradients only.
 
 The step is the DDP engine's, in the same order: the codeword sync (and the verdict); if
-the loss is finite on every rank, our SGD step, then DeepSpeed's; then every gradient is
+the loss is finite on every rank, our GPSGD step, then DeepSpeed's; then every gradient is
 cleared. A non-finite loss skips both steps. DeepSpeed's own step is never entered then:
 with one micro-batch per step, ZeRO rebuilds its reduced gradient partition from scratch in
 every backward, so clearing the gradients discards the step completely.
@@ -45,7 +46,7 @@ DeepSpeed needs a process group even for one process. ``distributed=False`` uses
 group when one is up, and otherwise starts one (gloo over an in-process store, no
 rendezvous), which :func:`gppq_dist.distributed.shutdown` ends like any other.
 
-``state_dict()`` holds our SGD's state and DeepSpeed's optimizer state for this rank (its
+``state_dict()`` holds our GPSGD's state and DeepSpeed's optimizer state for this rank (its
 ZeRO partition, so ``sharded`` is true for stage 1 and 2), as plain containers: the loss
 scaler object (a constant 1 in fp32, restored from the live engine on load) and the
 parameter-slice map (read only by DeepSpeed's universal-checkpoint tooling) are left out.
@@ -68,7 +69,7 @@ from torch import nn
 
 from gppq_dist.config import TrainConfig
 from gppq_dist.errors import ConfigError
-from gppq_dist.train.engine import finite_mean, sgd
+from gppq_dist.train.engine import copy_lr, gp_sgd, reduce_step, sgd, unquantized
 from gppq_dist.train.gp_update import GPUpdate
 
 _PRECISION_SECTIONS = ("fp16", "bf16", "bfloat16", "amp", "torch_autocast")
@@ -158,7 +159,7 @@ class _CallerAutocast(nn.Module):
 
 
 class DeepSpeedEngine:
-    """Quantized weights: codeword sync + torch SGD; the rest: DeepSpeed ZeRO stage 0/1/2."""
+    """Quantized weights: codeword sync + GPSGD; the rest: DeepSpeed ZeRO stage 0/1/2."""
 
     def __init__(
         self, model: nn.Module, update: GPUpdate, hp: TrainConfig, ds_config: dict[str, Any], distributed: bool
@@ -174,9 +175,8 @@ class DeepSpeedEngine:
         self.model = model
         self.update = update
         self.sharded = stage >= 1
-        quantized = {id(weight) for weight in update.weights}
-        self._rest = [p for p in model.parameters() if p.requires_grad and id(p) not in quantized]
-        self.optimizer = sgd(update.weights, hp)
+        self._rest = unquantized(model, update)
+        self.optimizer = gp_sgd(update, hp)
 
         config = copy.deepcopy(ds_config)
         config.update(
@@ -211,12 +211,10 @@ class DeepSpeedEngine:
             self.ds.buffered_allreduce_fallback(grads=[param.grad for param in self._rest])
 
     def step(self, loss: torch.Tensor) -> float | None:
-        mean = finite_mean(loss, self.update)
+        mean, sums = reduce_step(loss, self.update)
         if mean is not None:
-            self.optimizer.step()
-            lr = self.optimizer.param_groups[0]["lr"]
-            for group in self.ds.optimizer.param_groups:
-                group["lr"] = lr
+            self.optimizer.step(sums)
+            copy_lr(self.optimizer, self.ds.optimizer)
             self.ds.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ds.optimizer.zero_grad(set_to_none=True)  # its step clears them, a skipped step must too

@@ -6,11 +6,13 @@ An engine owns the wrapped model and the optimizer(s) and takes one step at a ti
     engine.backward(loss)
     mean_loss = engine.step(loss)   # None when the loss was not finite on some rank
 
-``step`` runs the G&P gradient transform (:class:`~gppq_dist.train.gp_update.GPUpdate`:
-codeword-gradient sums all-reduced, the step's loss riding along in the same message so
-that every rank sees the same finite/non-finite verdict), then the optimizer step, then
-clears the gradients. ``optimizer`` is the torch optimizer the trainer's lr scheduler
-drives; an engine that keeps a second optimizer copies its lr before stepping.
+``step`` all-reduces the codeword gradient sums of the quantized weights
+(:class:`~gppq_dist.train.gp_update.GPUpdate`), the step's loss riding along in the same
+message so that every rank sees the same finite/non-finite verdict, then steps the
+quantized weights with the G&P update folded into SGD (:class:`~gppq_dist.pq.gp_sgd.GPSGD`)
+and every other parameter with a plain SGD of the same hyperparameters, then clears the
+gradients. ``optimizer`` is the quantized weights' ``GPSGD``, the optimizer the trainer's
+lr scheduler drives; the other optimizer copies its lr before stepping.
 
 ``state_dict()`` returns plain containers (tensors, numbers, strings, lists, dicts) that
 ``torch.load(weights_only=True)`` reads back. When ``sharded`` is true the state differs
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from gppq_dist.config import TrainConfig
+from gppq_dist.pq.gp_sgd import GPSGD
 from gppq_dist.train.gp_update import GPUpdate
 
 
@@ -50,16 +53,35 @@ def sgd(params, hp: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-def finite_mean(loss: torch.Tensor, update: GPUpdate) -> float | None:
-    """Run the G&P transform with ``loss`` riding along; its mean over ranks, or None if not finite."""
+def gp_sgd(update: GPUpdate, hp: TrainConfig) -> GPSGD:
+    """The paper's optimizer for the quantized weights, with the G&P update folded in."""
+    return update.sgd(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+def unquantized(model: nn.Module, update: GPUpdate) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that are not quantized weights, in model order."""
+    quantized = {id(weight) for weight in update.weights}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in quantized]
+
+
+def reduce_step(loss: torch.Tensor, update: GPUpdate) -> tuple[float | None, list[torch.Tensor]]:
+    """The codeword gradient sums averaged over ranks, with ``loss`` riding along; returns the
+    loss's mean over the ranks (None if it is not finite on some rank) and the sums."""
     value = loss.detach().float().reshape(1).clone()
-    update.transform_gradients_(extra=value)
+    sums = update.reduced_gradient_sums(extra=value)
     mean = float(value)
-    return mean if torch.isfinite(value).all() else None
+    return (mean if torch.isfinite(value).all() else None), sums
+
+
+def copy_lr(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> None:
+    lr = source.param_groups[0]["lr"]
+    for group in target.param_groups:
+        group["lr"] = lr
 
 
 class DDPEngine:
-    """One torch optimizer over all parameters; DDP for the unquantized ones (one process: none)."""
+    """GPSGD for the quantized weights, SGD for the rest; DDP for the unquantized ones (one
+    process: none)."""
 
     sharded = False
 
@@ -71,7 +93,9 @@ class DDPEngine:
             self.wrapped: nn.Module = nn.parallel.DistributedDataParallel(model)
         else:
             self.wrapped = model
-        self.optimizer = sgd(model.parameters(), hp)
+        self.optimizer = gp_sgd(update, hp)
+        rest = unquantized(model, update)
+        self.rest = sgd(rest, hp) if rest else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.wrapped(images)
@@ -80,14 +104,22 @@ class DDPEngine:
         loss.backward()
 
     def step(self, loss: torch.Tensor) -> float | None:
-        mean = finite_mean(loss, self.update)
+        mean, sums = reduce_step(loss, self.update)
         if mean is not None:
-            self.optimizer.step()
+            self.optimizer.step(sums)
+            if self.rest is not None:
+                copy_lr(self.optimizer, self.rest)
+                self.rest.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.rest is not None:
+            self.rest.zero_grad(set_to_none=True)
         return mean
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(),
+                "rest": self.rest.state_dict() if self.rest is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.rest is not None:
+            self.rest.load_state_dict(state["rest"])

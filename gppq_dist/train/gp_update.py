@@ -10,6 +10,12 @@ quantized weights must therefore be left out of DDP's own reduction
 
 Because the cluster mean is linear in the gradient, the result equals "all-reduce the full
 gradients, then average per codeword" on the same global batch.
+
+Two ways to step: :meth:`GPUpdate.transform_gradients_` writes the eq. 6 gradient into
+``.grad`` for any torch optimizer; :meth:`GPUpdate.sgd` builds the closed form of eq. 6
+followed by SGD (:class:`~gppq_dist.pq.gp_sgd.GPSGD`), which needs only the reduced sums and
+no N x d pass of its own besides writing the weights. The engines use the latter (the
+paper's optimizer is SGD); both give the same weights up to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from gppq_dist.pq.gp import Assignment, apply_gp_gradient, codeword_gradient_sums, quantization_error
+from gppq_dist.pq.gp_sgd import GPSGD
 from gppq_dist.pq.kmeans import LocalReducer, Reducer
 from gppq_dist.pq.plan import LayerPlan
 
@@ -56,11 +63,11 @@ class GPUpdate:
         return sum(a.k * plan.d * 4 for a, plan in zip(self.assignments, self.plans))
 
     @torch.no_grad()
-    def transform_gradients_(self, extra: torch.Tensor | None = None) -> None:
-        """Replace each quantized weight's ``.grad`` by the eq. 6 gradient, averaged over ranks.
+    def reduced_gradient_sums(self, extra: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each quantized layer's codeword gradient sums (K x d), averaged over the ranks.
 
-        ``extra`` (a small fp32 tensor, e.g. the step's loss) rides along in the same
-        all-reduce and is replaced in place by its mean over the ranks, at no extra message.
+        One all-reduce for all layers. ``extra`` (a small fp32 tensor, e.g. the step's loss)
+        rides along in the same message and is replaced in place by its mean over the ranks.
         """
         sums = []
         for weight, plan, assignment in zip(self.weights, self.plans, self.assignments):
@@ -73,19 +80,35 @@ class GPUpdate:
         if self.reducer.world_size > 1:
             self.reducer.all_reduce_sum(flat)
             flat /= self.reducer.world_size
-        parts = flat.split([s.numel() for s in sums])
+        parts = list(flat.split([s.numel() for s in sums]))
         if extra is not None:
-            extra.copy_(parts[-1].view_as(extra))
-        for weight, plan, assignment, grad_sums in zip(self.weights, self.plans, self.assignments, parts):
+            extra.copy_(parts.pop().view_as(extra))
+        return [part.view(a.k, plan.d) for part, a, plan in zip(parts, self.assignments, self.plans)]
+
+    @torch.no_grad()
+    def transform_gradients_(self, extra: torch.Tensor | None = None) -> None:
+        """Replace each quantized weight's ``.grad`` by the eq. 6 gradient, averaged over ranks,
+        for any torch optimizer to step (``extra`` as in :meth:`reduced_gradient_sums`).
+
+        The engines take the faster road for SGD, :meth:`sgd`, which needs only the sums.
+        """
+        for weight, plan, assignment, grad_sums in zip(self.weights, self.plans, self.assignments,
+                                                       self.reduced_gradient_sums(extra)):
             grad = weight.grad
             # The raw gradient has been summed: the eq. 6 gradient is written over it.
             in_place = grad.is_contiguous() and grad.dtype == grad_sums.dtype
             update = apply_gp_gradient(
-                weight.detach().reshape(-1, plan.d), grad_sums.view(assignment.k, plan.d), assignment, self.mu,
+                weight.detach().reshape(-1, plan.d), grad_sums, assignment, self.mu,
                 out=grad.view(-1, plan.d) if in_place else None,
             )
             if not in_place:
                 grad.copy_(update.view_as(grad))
+
+    def sgd(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> GPSGD:
+        """SGD over the quantized weights with the G&P update folded in (:class:`GPSGD`):
+        step it with :meth:`reduced_gradient_sums`, no ``transform_gradients_`` needed."""
+        return GPSGD(self.weights, [plan.d for plan in self.plans], self.assignments, self.mu,
+                     lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     @torch.no_grad()
     def gamma(self) -> float:

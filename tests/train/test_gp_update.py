@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from gppq_dist.config import QuantizationConfig
+from gppq_dist.config import QuantizationConfig, TrainConfig
 from gppq_dist.distributed import ProcessGroupReducer
 from gppq_dist.pq.gp import Assignment, apply_gp_gradient, codeword_gradient_sums
 from gppq_dist.pq.kmeans import kmeans_many
 from gppq_dist.pq.plan import plan_layers
 from gppq_dist.pq.subvectors import to_subvectors
+from gppq_dist.train.engine import DDPEngine
 from gppq_dist.train.gp_update import GPUpdate
 from tests.distributed_helpers import run_gloo
 
@@ -69,13 +70,31 @@ def train(rank, world_size, naive=False):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
+def train_engine(rank, world_size):
+    """The trainer's step: DDPEngine (codeword sums + GPSGD, DDP and SGD for the rest)."""
+    model = small_net()
+    plans, assignments = quantize(model)
+    ddp = world_size > 1
+    update = GPUpdate(model, plans, assignments, MU, ProcessGroupReducer() if ddp else None)
+    hp = TrainConfig(batch_size=BATCH, lr=0.1, momentum=0.9, weight_decay=1e-4, mu=MU)  # optimizer_for's
+    engine = DDPEngine(model, update, hp, distributed=ddp)
+    share = BATCH // world_size
+    for images, labels in batches():
+        images, labels = images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
+        loss = nn.functional.cross_entropy(engine.forward(images), labels)
+        engine.backward(loss)
+        assert engine.step(loss) is not None
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
 @pytest.mark.distributed
 def test_two_ranks_with_codeword_sync_equal_one_rank_and_the_naive_path():
     single = train(0, 1)
     synced = run_gloo(train, 2)
     naive = run_gloo(train, 2, True)
+    engine = run_gloo(train_engine, 2)
     for name, expected in single.items():
-        for result in (synced[0], synced[1], naive[0]):
+        for result in (synced[0], synced[1], naive[0], engine[0], engine[1]):
             assert (result[name] - expected).abs().max() <= 1e-5, name
     assert any((single[n] - small_net().state_dict()[n]).abs().max() > 1e-3 for n in single)  # it trained
 
