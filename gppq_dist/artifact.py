@@ -3,7 +3,9 @@
 Contents (tensor names):
 
 - ``indices/<layer>``: uint8, the codeword indices bit-packed to log2(K) bits each;
-- ``codebook/<layer>``: fp16, ``K x d``;
+- ``codebook/<layer>``: fp16, ``K x d`` (codec ``pq``), or ``m x K x d`` (``pq_subspace``:
+  one per sub-space) or ``S x K x d`` (``residual``: one per stage), see
+  :mod:`gppq_dist.pq.plan`;
 - ``param/<name>``: fp32, every parameter that is not quantized and not BatchNorm
   (the stem conv, biases);
 - ``bn_scale/<bn>``, ``bn_shift/<bn>``: fp32, each BatchNorm folded to two vectors,
@@ -34,11 +36,12 @@ from gppq_dist.errors import ArtifactError
 from gppq_dist.io import atomic_path
 from gppq_dist.models import build_model
 from gppq_dist.pq.accounting import account
-from gppq_dist.pq.codec import decode, pack_indices, unpack_indices
+from gppq_dist.pq.codec import decode_layer, pack_indices, unpack_indices
 from gppq_dist.pq.plan import LayerPlan
 
 FORMAT = "gppq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer codecs (version 1 files are all "pq" and read the same)
+READABLE_VERSIONS = ("1", "2")
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Artifact:
 
     def decoded_weight(self, name: str) -> torch.Tensor:
         plan = next(p for p in self.layers if p.name == name)
-        return decode(self.codebooks[name].float(), self.assignments[name], plan.shape)
+        return decode_layer(plan, self.codebooks[name].float(), self.assignments[name])
 
 
 def build_artifact(
@@ -171,10 +174,10 @@ def read_artifact(path: str | Path) -> Artifact:
         ) from None
     if metadata.get("format") != FORMAT:
         raise ArtifactError(f"'{path}' is a safetensors file but not a .gppq artifact")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"'{path}' has format version {metadata.get('format_version')!r}; this gppq_dist "
-            f"reads version {FORMAT_VERSION}"
+            f"reads versions {', '.join(READABLE_VERSIONS)}"
         )
     payload_text = metadata.get("payload", "")
     if metadata.get("checksum") != _checksum(payload_text, tensors):
@@ -183,10 +186,14 @@ def read_artifact(path: str | Path) -> Artifact:
     layers = [LayerPlan.from_dict(entry) for entry in payload.pop("layers")]
     assignments = {
         plan.name: unpack_indices(
-            tensors[f"indices/{plan.name}"].numpy(), plan.index_bits, plan.n_subvectors
+            tensors[f"indices/{plan.name}"].numpy(), plan.index_bits, plan.n_indices
         )
         for plan in layers
     }
+    for plan in layers:
+        if tuple(tensors[f"codebook/{plan.name}"].shape) != plan.codebook_shape:
+            raise ArtifactError(f"'{path}': codebook of layer '{plan.name}' has shape "
+                                f"{list(tensors[f'codebook/{plan.name}'].shape)}, its layout says {list(plan.codebook_shape)}")
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
@@ -241,7 +248,7 @@ def snap_model_(model: nn.Module, plans: list[LayerPlan], codebooks: dict[str, t
         for plan in plans:
             weight = modules[plan.name].weight
             codebook = codebooks[plan.name].to(torch.float16).to(weight.dtype)
-            weight.copy_(decode(codebook, assignments[plan.name].to(weight.device), plan.shape))
+            weight.copy_(decode_layer(plan, codebook, assignments[plan.name].to(weight.device)))
     return model
 
 

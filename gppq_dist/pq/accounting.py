@@ -95,10 +95,11 @@ class SizeReport:
 
 
 def layer_cost(plan: LayerPlan) -> LayerCost:
+    """log2(K) bits per stored index; every codebook (one per sub-space or stage) in fp16."""
     return LayerCost(
         plan=plan,
-        index_bytes=plan.n_subvectors * plan.index_bits / 8,
-        codebook_bytes=plan.k * plan.d * FP16_BYTES,
+        index_bytes=plan.n_indices * plan.index_bits / 8,
+        codebook_bytes=plan.n_codebooks * plan.k * plan.d * FP16_BYTES,
     )
 
 

@@ -1,4 +1,5 @@
-"""Encode, decode and snap weights; pack codeword indices to log2(K) bits."""
+"""Encode, decode (any codec of :mod:`gppq_dist.pq.plan`) and snap weights; pack codeword
+indices to log2(K) bits."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import torch
 
 from gppq_dist.pq.kmeans import nearest
+from gppq_dist.pq.plan import LayerPlan
 from gppq_dist.pq.subvectors import from_subvectors, to_subvectors
 
 
@@ -18,6 +20,23 @@ def encode(weight: torch.Tensor, codebook: torch.Tensor, chunk_mb: int = 64) -> 
 def decode(codebook: torch.Tensor, assignments: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The quantized weight: ``K x d, N -> shape`` with subvector j = ``codebook[assignments[j]]``."""
     return from_subvectors(codebook[assignments], shape)
+
+
+def decode_layer(plan: LayerPlan, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The coded weight of ``plan.shape`` from its codebook(s) and flat indices, any codec."""
+    if plan.codec == "pq":
+        vectors = codebook[indices]
+    elif plan.codec == "pq_subspace":
+        subspace = torch.arange(indices.numel(), device=indices.device) % plan.n_codebooks
+        vectors = codebook[subspace, indices]
+    elif plan.codec == "residual":
+        per_stage = indices.view(plan.stages, plan.n_subvectors)
+        vectors = codebook[0][per_stage[0]]
+        for stage in range(1, plan.stages):
+            vectors = vectors + codebook[stage][per_stage[stage]]
+    else:
+        raise ValueError(f"unknown codec {plan.codec!r}")
+    return from_subvectors(vectors, plan.shape)
 
 
 def snap(weight: torch.Tensor, codebook: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:

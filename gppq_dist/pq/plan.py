@@ -5,6 +5,16 @@ Rules are resolved per layer as: name (regex, full match, first wins), then laye
 alone. The first conv (the stem) is skipped when ``skip_first_conv`` is set; biases and
 BatchNorm are never quantized. The effective K is clamped to the largest power of two
 strictly below ``n_subvectors / 4`` (DESIGN §2).
+
+``codec`` says how a layer's subvectors are coded (:mod:`gppq_dist.pq.variants`):
+
+- ``pq``: one joint codebook of K codewords for all subvectors (G&P PQ, direct PQ,
+  two-stage PQ; scalar k-means is ``pq`` with d = 1);
+- ``pq_subspace``: product quantization with a codebook of its own for every sub-space
+  (column block j of the rows), each fitted on the layer's ``Cout`` rows, so K is clamped
+  against ``Cout`` (Gong et al. 2014);
+- ``residual``: ``stages`` joint codebooks, each coding what the stages before it left
+  (residual quantization, Gong et al. 2014); one index per subvector and stage.
 """
 
 from __future__ import annotations
@@ -45,10 +55,28 @@ class LayerPlan:
     k: int
     k_requested: int
     rule: str
+    codec: str = "pq"
+    stages: int = 1
 
     @property
     def n_subvectors(self) -> int:
         return math.prod(self.shape) // self.d
+
+    @property
+    def n_codebooks(self) -> int:
+        """Codebooks of K x d: one, one per sub-space, or one per residual stage."""
+        if self.codec == "pq_subspace":
+            return row_length(self.shape) // self.d
+        return self.stages if self.codec == "residual" else 1
+
+    @property
+    def codebook_shape(self) -> tuple[int, ...]:
+        return (self.k, self.d) if self.codec == "pq" else (self.n_codebooks, self.k, self.d)
+
+    @property
+    def n_indices(self) -> int:
+        """Stored indices: one per subvector (and per stage for ``residual``)."""
+        return self.n_subvectors * (self.stages if self.codec == "residual" else 1)
 
     @property
     def index_bits(self) -> int:
@@ -64,6 +92,8 @@ class LayerPlan:
             "k": self.k,
             "k_requested": self.k_requested,
             "rule": self.rule,
+            "codec": self.codec,
+            "stages": self.stages,
         }
 
     @classmethod
@@ -76,6 +106,8 @@ class LayerPlan:
             k=int(data["k"]),
             k_requested=int(data["k_requested"]),
             rule=str(data["rule"]),
+            codec=str(data.get("codec", "pq")),
+            stages=int(data.get("stages", 1)),
         )
 
 
@@ -95,8 +127,13 @@ def clamp_k(k: int, n_subvectors: int) -> int:
     return min(k, 1 << ((n_subvectors - 1).bit_length() - 3))
 
 
-def plan_layers(model: nn.Module, rules: Rules) -> list[LayerPlan]:
+CODECS = ("pq", "pq_subspace", "residual")
+
+
+def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int = 1) -> list[LayerPlan]:
     """The quantized layers of ``model`` in module order (works on meta tensors)."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     name_rules = [(re.compile(pattern), pattern, rule) for pattern, rule in rules.names.items()]
     plans: list[LayerPlan] = []
     first_conv_seen = False
@@ -120,16 +157,19 @@ def plan_layers(model: nn.Module, rules: Rules) -> list[LayerPlan]:
                 f"(weight {'x'.join(map(str, shape))}); expected a divisor such as "
                 f"{', '.join(map(str, divisors))}"
             )
-        n_subvectors = math.prod(shape) // rule.d
+        # a sub-space codebook is fitted on one subvector per row
+        fitted_on = shape[0] if codec == "pq_subspace" else math.prod(shape) // rule.d
         plans.append(
             LayerPlan(
                 name=name,
                 kind=kind,
                 shape=shape,
                 d=rule.d,
-                k=clamp_k(rule.k, n_subvectors),
+                k=clamp_k(rule.k, fitted_on),
                 k_requested=rule.k,
                 rule=key,
+                codec=codec,
+                stages=stages if codec == "residual" else 1,
             )
         )
     return plans
