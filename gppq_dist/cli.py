@@ -265,7 +265,8 @@ def train(
     resume: str = typer.Option("none", "--resume", help="auto: continue from the newest checkpoint; none: start fresh"),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
-    """G&P PQ: k-means, then the progressive update; writes <run dir>/gppq.gppq and summary.json.
+    """Compress with the config's method (default G&P PQ: k-means, then the progressive
+    update); writes <run dir>/gppq.gppq and summary.json.
 
     Identical to: torchrun --nproc_per_node=N [--max-restarts=R] -m gppq_dist.train --config CFG
     """
@@ -278,23 +279,18 @@ def train(
         for item in sets or []:
             args += ["--set", item]
         raise typer.Exit(launch_local(nproc, "gppq_dist.train", args, max_restarts))
-    from gppq_dist.train.trainer import train as run_train
+    from gppq_dist.methods import result_line, run
 
     if resume not in ("auto", "none"):
         raise UserError(f"--resume: expected 'auto' or 'none', got {resume!r}")
     cfg = _config(config, None, sets)
     context = init_distributed()
     try:
-        summary = run_train(cfg, context, resume=resume == "auto")
+        summary = run(cfg, context, resume=resume == "auto")
     finally:
         shutdown()
     if context.is_main:
-        stdout.print(
-            f"{summary['artifact']}: top-1 {summary['top1_quantized']:.2f}% quantized "
-            f"({summary['top1_raw']:.2f}% raw, baseline {summary['baseline_top1']:.2f}%, direct PQ "
-            f"{summary['direct_pq_top1']:.2f}%), {summary['size_mb']:.3f} MB, {summary['ratio']:.1f}x, "
-            f"Gamma {summary['gamma']:.2e}"
-        )
+        stdout.print(result_line(summary), markup=False, highlight=False)
 
 
 @app.command()

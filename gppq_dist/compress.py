@@ -1,5 +1,9 @@
 """Direct PQ: k-means on a model's weights, no finetuning, written as a ``.gppq`` artifact.
 
+The same for every method that does not train (``method:`` ``direct_pq``,
+``kmeans_scalar``, ``pq_subspace``, ``residual_pq``: :func:`code_model` picks the codec);
+for the methods that train, ``gppq compress`` is their direct-PQ starting point.
+
 Runs as one process, or under torchrun (``torchrun --nproc_per_node=N -m
 gppq_dist.compress --config CFG --out FILE``): each rank then clusters its shard of every
 layer's subvectors, with one bucketed all-reduce per k-means iteration; rank 0 alone
@@ -22,32 +26,38 @@ from gppq_dist.config import RunConfig
 from gppq_dist.data.folder import preprocess_info
 from gppq_dist.distributed import DistContext, reducer_for
 from gppq_dist.models import build_model, load_weights
-from gppq_dist.pq.kmeans import KMeansResult, kmeans_many
+from gppq_dist.pq.kmeans import kmeans_many
 from gppq_dist.pq.plan import LayerPlan, plan_layers
 from gppq_dist.pq.subvectors import to_subvectors
+from gppq_dist.pq.variants import Coded, residual_pq, subspace_pq
 
 log = logging.getLogger(__name__)
+
+
+# method -> (codec, what it is called in artifacts and summaries); methods that train start
+# from direct PQ
+CODECS = {"kmeans_scalar": "pq", "pq_subspace": "pq_subspace", "residual_pq": "residual"}
+UNTRAINED = ("direct_pq", *CODECS)
 
 
 @dataclass
 class Compressed:
     model: nn.Module
     plans: list[LayerPlan]
-    results: list[KMeansResult]
+    codebooks: dict[str, torch.Tensor]
+    assignments: dict[str, torch.Tensor]
+    errors: list[float]  # per layer: mean squared error per subvector
     kmeans_s: float
-
-    @property
-    def codebooks(self) -> dict[str, torch.Tensor]:
-        return {plan.name: r.codebook for plan, r in zip(self.plans, self.results)}
-
-    @property
-    def assignments(self) -> dict[str, torch.Tensor]:
-        return {plan.name: r.assignments for plan, r in zip(self.plans, self.results)}
 
     @property
     def gamma(self) -> float:
         """Quantization loss (eq. 7): mean over layers of the mean squared subvector error."""
-        return sum(r.mse for r in self.results) / max(1, len(self.results))
+        return sum(self.errors) / max(1, len(self.errors))
+
+
+def kmeans_options(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
+    return dict(iterations=cfg.kmeans.iterations, seed=cfg.kmeans.seed, reducer=reducer_for(context),
+                kernel=cfg.kmeans.kernel, init_sample=cfg.kmeans.init_sample, chunk_mb=cfg.kmeans.chunk_mb)
 
 
 def load_model(cfg: RunConfig, weights: str | None = None) -> nn.Module:
@@ -61,33 +71,43 @@ def load_model(cfg: RunConfig, weights: str | None = None) -> nn.Module:
 
 
 def cluster(model: nn.Module, cfg: RunConfig, context: DistContext) -> Compressed:
-    """Plan the layers and run the (distributed) k-means of all of them in lockstep."""
-    plans = plan_layers(model, cfg.quantization)
+    """Plan the layers and run the (distributed) k-means of all of them in lockstep (PQ with
+    one joint codebook per layer, the start of G&P PQ)."""
+    return code_model(model, cfg, context, codec="pq")
+
+
+def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: str | None = None) -> Compressed:
+    """Code every planned layer with ``codec`` (default: the config method's), k-means of all
+    layers in lockstep and sharded over the ranks."""
+    codec = codec or CODECS.get(cfg.method.name, "pq")
+    stages = getattr(cfg.method, "stages", 1)
+    plans = plan_layers(model, cfg.quantization, codec=codec, stages=stages)
     modules = dict(model.named_modules())
-    subvectors = [
-        to_subvectors(modules[plan.name].weight.detach().to(context.device), plan.d) for plan in plans
-    ]
+    weights = [modules[plan.name].weight.detach().to(context.device) for plan in plans]
+    options = kmeans_options(cfg, context)
     start = time.perf_counter()
-    results = kmeans_many(
-        subvectors,
-        [plan.k for plan in plans],
-        iterations=cfg.kmeans.iterations,
-        seed=cfg.kmeans.seed,
-        reducer=reducer_for(context),
-        kernel=cfg.kmeans.kernel,
-        init_sample=cfg.kmeans.init_sample,
-        chunk_mb=cfg.kmeans.chunk_mb,
-    )
+    if codec == "pq":
+        results = kmeans_many([to_subvectors(w, p.d) for w, p in zip(weights, plans)], [p.k for p in plans],
+                              **options)
+        coded = [Coded(r.codebook, r.assignments, r.mse) for r in results]
+    elif codec == "pq_subspace":
+        coded = subspace_pq(weights, plans, **options)
+    else:
+        coded = residual_pq(weights, plans, **options)
     elapsed = time.perf_counter() - start
-    log.info("k-means of %d layers: %.1f s on %d rank(s)", len(plans), elapsed, context.world_size)
-    return Compressed(model=model, plans=plans, results=results, kmeans_s=elapsed)
+    log.info("k-means of %d layers (%s): %.1f s on %d rank(s)", len(plans), codec, elapsed, context.world_size)
+    return Compressed(
+        model=model, plans=plans, codebooks={p.name: c.codebook for p, c in zip(plans, coded)},
+        assignments={p.name: c.indices for p, c in zip(plans, coded)}, errors=[c.mse for c in coded],
+        kmeans_s=elapsed,
+    )
 
 
 def artifact_info(cfg: RunConfig, gamma: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "arch": cfg.model.arch,
         "num_classes": cfg.model.num_classes,
-        "method": "direct_pq",
+        "method": cfg.method.name if cfg.method.name in UNTRAINED else "direct_pq",
         "gamma": gamma,
         "preprocess": preprocess_info(cfg.data),
         "config": cfg.model_dump(mode="json"),
@@ -98,9 +118,10 @@ def artifact_info(cfg: RunConfig, gamma: float, extra: dict[str, Any] | None = N
 def compress(
     cfg: RunConfig, out: str | Path, context: DistContext, weights: str | None = None
 ) -> dict[str, Any]:
-    """Direct PQ of the config's model into ``out``; returns a summary (rank 0 writes)."""
+    """Direct PQ (or the config's untrained method) of the config's model into ``out``;
+    returns a summary (rank 0 writes)."""
     model = load_model(cfg, weights)
-    compressed = cluster(model, cfg, context)
+    compressed = code_model(model, cfg, context)
     artifact = build_artifact(model, compressed.plans, compressed.codebooks,
                               compressed.assignments, artifact_info(cfg, compressed.gamma))
     summary = {

@@ -24,7 +24,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -180,6 +180,59 @@ class LaunchConfig(_Strict):
     folder: str = Field("runs/slurm", description="submitit's logs and pickles")
 
 
+class GPPQMethod(_Strict):
+    """G&P PQ (the paper): k-means once, then the progressive update (``train.*``)."""
+
+    name: Literal["gppq"] = "gppq"
+
+
+class DirectPQMethod(_Strict):
+    """k-means per layer (joint codebook), snap, no training."""
+
+    name: Literal["direct_pq"]
+
+
+class KMeansScalarMethod(_Strict):
+    """Gong et al. 2014: scalar k-means of all weights of a layer (every rule's d must be 1,
+    K levels), no training."""
+
+    name: Literal["kmeans_scalar"]
+
+
+class PQSubspaceMethod(_Strict):
+    """Gong et al. 2014: PQ with a codebook of its own per sub-space, no training."""
+
+    name: Literal["pq_subspace"]
+
+
+class ResidualPQMethod(_Strict):
+    """Gong et al. 2014: residual quantization in ``stages`` stages, no training."""
+
+    name: Literal["residual_pq"]
+    stages: int = Field(2, ge=1, le=8, description="codebooks per layer, each coding the residual of the ones before")
+
+
+class TwoStagePQMethod(_Strict):
+    """"And the Bit Goes Down": layer by layer in network order, cluster the subvectors
+    (weighted by the layer's input activations, to minimise the output reconstruction
+    error, when ``activation_weighted``), then finetune only the codewords (``train.*``,
+    gradients averaged per codeword; the weights stay exactly quantized)."""
+
+    name: Literal["two_stage_pq"]
+    activation_weighted: bool = True
+    calibration_batches: int = Field(4, gt=0, description="train batches whose activations weight the k-means")
+
+
+MethodConfig = Annotated[
+    GPPQMethod | DirectPQMethod | KMeansScalarMethod | PQSubspaceMethod | ResidualPQMethod | TwoStagePQMethod,
+    Field(discriminator="name"),
+]
+METHODS: dict[str, type[BaseModel]] = {
+    typing.get_args(cls.model_fields["name"].annotation)[0]: cls
+    for cls in (GPPQMethod, DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod, TwoStagePQMethod)
+}
+
+
 class RunConfig(_Strict):
     name: str
     output_dir: str = "runs"
@@ -192,6 +245,28 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    method: MethodConfig = Field(default_factory=GPPQMethod)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_by_name(cls, raw: Any) -> Any:
+        """``method: residual_pq`` is short for ``method: {name: residual_pq}``."""
+        if isinstance(raw, dict) and isinstance(raw.get("method"), str):
+            raw = {**raw, "method": {"name": raw["method"]}}
+        return raw
+
+    @model_validator(mode="after")
+    def _scalar_rules_have_d_1(self) -> "RunConfig":
+        if self.method.name == "kmeans_scalar":
+            q = self.quantization
+            rules = [("quantization.default", q.default)]
+            rules += [(f"quantization.types.{kind}", rule) for kind, rule in q.types.items()]
+            rules += [(f"quantization.names[{pattern!r}]", rule) for pattern, rule in q.names.items()]
+            for key, rule in rules:
+                if rule is not None and rule.d != 1:
+                    raise ValueError(f"{key}.d = {rule.d}: method kmeans_scalar quantizes single weights, "
+                                     "so d must be 1 (k is the number of levels)")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -215,6 +290,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
+        if dotted.startswith("method.") and isinstance(raw.get("method"), str):
+            raw["method"] = {"name": raw["method"]}  # the short form, so that its keys can be set
         _set_dotted(raw, dotted, value)
     return validate_config(raw, source=str(path))
 
@@ -254,21 +331,32 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:  # pydantic puts the union's tag in
+        loc = ("method", *loc[2:])
     key = ".".join(str(p) for p in loc) or "<top level>"
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
+        allowed = _allowed_keys(loc[:-1], raw)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"unknown key '{key}'{suggestion}; expected one of: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"missing required key '{key}'"
+    if err["type"] == "union_tag_invalid":
+        return f"{key}.name: unknown method {err['ctx']['tag']!r}; expected one of: {', '.join(METHODS)}"
     message = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections: the message names its keys
+        return message
     return f"{key}: {message} (got {_lookup(raw, loc)!r})"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[Any, ...], raw: Any = None) -> list[str]:
     """Field names of the sub-model at ``loc`` (dict keys in ``loc`` are stepped over)."""
     model: Any = RunConfig
+    if loc and loc[0] == "method":
+        method = raw.get("method") if isinstance(raw, dict) else None
+        method = method.get("name", "gppq") if isinstance(method, dict) else method
+        if method in METHODS:
+            return list(METHODS[method].model_fields)
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             break

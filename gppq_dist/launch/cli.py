@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import typer
 
+from gppq_dist.methods import result_line
+
 CLUSTER_HELP = "slurm (sbatch), local (processes on this machine, in the background) or debug (in this process)"
 
 
@@ -19,12 +21,6 @@ def _say(text: str = "") -> None:
     # plain text, not rich: paths and names may hold [brackets] that rich would read as markup
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def _result_line(summary: dict[str, Any]) -> str:
-    return (f"{summary['artifact']}: top-1 {summary['top1_quantized']:.2f}% quantized "
-            f"({summary['top1_raw']:.2f}% raw, direct PQ {summary['direct_pq_top1']:.2f}%), "
-            f"{summary['size_mb']:.3f} MB, {summary['ratio']:.1f}x, Gamma {summary['gamma']:.2e}")
 
 
 def _main_result(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,7 +78,7 @@ def submit(
     if not (wait or cluster == "debug"):
         return
     summary = _main_result(wait_for(job))
-    _say(_result_line(summary))
+    _say(result_line(summary))
 
 
 def sweep(
@@ -130,7 +126,7 @@ def sweep(
     failures = []
     for point, job in zip(done.points, done.jobs):
         try:
-            _say(f"{point.name}: {_result_line(_main_result(wait_for(job)))}")
+            _say(f"{point.name}: {result_line(_main_result(wait_for(job)))}")
         except UserError as exc:  # JobFailed, or the run's own error in --cluster debug
             failures.append(str(exc))
             _say(f"{point.name}: {exc}")

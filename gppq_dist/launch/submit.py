@@ -149,7 +149,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from gppq_dist.distributed import init_distributed, shutdown
         from gppq_dist import progress
         from gppq_dist.progress import setup_logging
-        from gppq_dist.train.trainer import train
+        from gppq_dist.methods import run as run_method
 
         os.chdir(self.workdir)  # the config's relative paths are relative to where it was submitted
         job: dict[str, Any] = {"cluster": "debug", "restarts": 0}
@@ -171,7 +171,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = validate_config(self.config, source="the submitted config")
         context = init_distributed("auto" if self.in_process else self.device)
         try:
-            summary = train(cfg, context, resume=True)
+            summary = run_method(cfg, context, resume=True)
         except UserError as exc:
             if not self.in_process:  # the job's log says why; in process, the CLI does
                 log.error("error: %s", exc)

@@ -278,7 +278,7 @@ class Tracker(NullTracker):
                 earlier_params.update(record["params"])
         self.journal = Journal(self.journal_path, fresh=not resumed)
         # the config's method when it names one; G&P PQ otherwise
-        method = method or getattr(cfg, "method", None) or "gppq"
+        method = method or cfg.method.name
         params = flat_params(cfg.model_dump(mode="json"))
         tags = run_tags(cfg, world_size, method, workdir)
         # params cannot change in MLflow: settings changed on resume (train.epochs, ...) become tags
