@@ -50,16 +50,22 @@ class GPSGD(torch.optim.Optimizer):
         lr: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        codewords: Sequence[torch.Tensor] | None = None,
     ) -> None:
+        """``codewords`` (K x d each) replace the member means as the starting codewords:
+        for weights snapped to them, the residuals then start at exactly zero and the weights
+        stay exactly quantized (the member mean of equal values can be off by rounding)."""
         if not len(weights) == len(ds) == len(assignments):
             raise ValueError("weights, ds and assignments must be aligned")
         super().__init__(list(weights), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.mu = mu
         self.layers = list(zip(ds, assignments))
         with torch.no_grad():
-            for weight, (d, assignment) in zip(self.param_groups[0]["params"], self.layers):
+            starts = codewords if codewords is not None else [None] * len(self.layers)
+            for weight, (d, assignment), start in zip(self.param_groups[0]["params"], self.layers, starts, strict=True):
                 subvectors = weight.detach().reshape(-1, d)
-                codewords = cluster_means(subvectors, assignment)
+                codewords = (start.detach().to(subvectors).clone() if start is not None
+                             else cluster_means(subvectors, assignment))
                 self.state[weight].update(
                     codewords=codewords, momentum=torch.zeros_like(codewords),
                     residual=subvectors - codewords[assignment.psi], alpha=1.0, beta=0.0, step=0,

@@ -41,7 +41,10 @@ class GPUpdate:
         assignments: Mapping[str, torch.Tensor],
         mu: float,
         reducer: Reducer | None = None,
+        codebooks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        """``codebooks``: starting codewords for :meth:`sgd` (see :class:`GPSGD`); default the
+        member means of the current weights."""
         modules = dict(model.named_modules())
         self.plans = list(plans)
         self.weights = [modules[plan.name].weight for plan in self.plans]
@@ -51,6 +54,7 @@ class GPUpdate:
         ]
         self.mu = mu
         self.reducer = reducer or LocalReducer()
+        self.codebooks = [codebooks[plan.name] for plan in self.plans] if codebooks is not None else None
 
     def exclude_from_ddp(self, model: nn.Module) -> None:
         """Keep DDP from all-reducing the quantized weights (call before wrapping in DDP)."""
@@ -108,7 +112,7 @@ class GPUpdate:
         """SGD over the quantized weights with the G&P update folded in (:class:`GPSGD`):
         step it with :meth:`reduced_gradient_sums`, no ``transform_gradients_`` needed."""
         return GPSGD(self.weights, [plan.d for plan in self.plans], self.assignments, self.mu,
-                     lr=lr, momentum=momentum, weight_decay=weight_decay)
+                     lr=lr, momentum=momentum, weight_decay=weight_decay, codewords=self.codebooks)
 
     @torch.no_grad()
     def gamma(self) -> float:

@@ -189,17 +189,27 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
     device = train_loader.device
     model = load_model(cfg).to(device)
     plans = plan_layers(model, cfg.quantization)
+    two_stage = cfg.method.name == "two_stage_pq"
+    codebooks = None
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         psi, baseline, direct = resumed["psi"], resumed["baseline"], resumed["direct"]
     else:
         baseline = evaluate(model, val_loader, device, "baseline val", reducer)
-        psi = cluster(model, cfg, context).assignments
-    update = GPUpdate(model, plans, psi, hp.mu, reducer)
+        if two_stage:
+            from gppq_dist.methods.two_stage import layerwise_pq
+
+            psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer)
+        else:
+            psi = cluster(model, cfg, context).assignments
+    # two-stage PQ finetunes the codewords of snapped weights: no pull (mu = 0), and the
+    # weights stay exactly quantized
+    update = GPUpdate(model, plans, psi, 0.0 if two_stage else hp.mu, reducer, codebooks=codebooks)
     if resumed is None:
-        direct = evaluate(snapped_copy(model, update), val_loader, device, "direct PQ val", reducer)
-        log.info("baseline top-1 %.2f%%, direct PQ top-1 %.2f%%, Gamma %.3e",
-                 baseline["top1"], direct["top1"], update.gamma())
+        direct = evaluate(snapped_copy(model, update), val_loader, device,
+                          "two-stage PQ stage 1 val" if two_stage else "direct PQ val", reducer)
+        log.info("baseline top-1 %.2f%%, %s top-1 %.2f%%, Gamma %.3e", baseline["top1"],
+                 "stage 1" if two_stage else "direct PQ", direct["top1"], update.gamma())
 
     engine = make_engine(cfg, model, update, context)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
@@ -310,10 +320,11 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
     assignments = {plan.name: a.psi.cpu() for plan, a in zip(update.plans, update.assignments)}
     codebooks = {name: c.cpu() for name, c in codebooks_of(update).items()}
     artifact = build_artifact(final, update.plans, codebooks, assignments,
-                              artifact_info(cfg, update.gamma(), {"method": "gppq"}))
+                              artifact_info(cfg, update.gamma(), {"method": cfg.method.name}))
     last = history[-1] if history else {"top1_quantized": direct["top1"], "top1_raw": baseline["top1"],
                                         "gamma": update.gamma()}
     summary = {
+        "method": cfg.method.name,
         "baseline_top1": baseline["top1"],
         "direct_pq_top1": direct["top1"],
         "top1_quantized": last["top1_quantized"],
@@ -330,13 +341,19 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
         "history": history,
     }
     if context.is_main:
-        path = cfg.run_dir / "gppq.gppq"
-        summary["file_bytes"] = write_artifact(artifact, path)
-        summary["artifact"] = str(path)
-        summary["wall_s"] = time.perf_counter() - start
-        write_text_atomic(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
-        tracker.finish(summary)
+        write_outputs(cfg, artifact, summary, tracker, start)
     return summary
+
+
+def write_outputs(cfg: RunConfig, artifact, summary: dict[str, Any], tracker: NullTracker, start: float) -> None:
+    """Rank 0's end of any run: ``gppq.gppq`` and ``summary.json`` (with ``file_bytes``,
+    ``artifact`` and ``wall_s`` added to ``summary``), then the tracker's final records."""
+    path = cfg.run_dir / "gppq.gppq"
+    summary["file_bytes"] = write_artifact(artifact, path)
+    summary["artifact"] = str(path)
+    summary["wall_s"] = time.perf_counter() - start
+    write_text_atomic(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
+    tracker.finish(summary)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -107,3 +107,22 @@ def test_pure_mu_steps_shrink_gamma_geometrically(lr):
             gammas[i] = gamma
     for weight, before in zip(weights, codewords):
         assert torch.equal(optimizer.state[weight]["codewords"], before)
+
+
+def test_snapped_weights_with_their_codewords_stay_exactly_those_codewords():
+    """Two-stage PQ's finetune: mu = 0 from snapped weights; W == codewords[psi] bit for bit."""
+    weights, assignments = layers()
+    starts = []
+    with torch.no_grad():
+        for weight, (_, d, _), assignment in zip(weights, SHAPES, assignments):
+            codebook = torch.randn(assignment.k, d, generator=torch.Generator().manual_seed(5)).half().float()
+            weight.copy_(codebook[assignment.psi].view_as(weight))
+            starts.append(codebook)
+    optimizer = GPSGD(weights, [d for _, d, _ in SHAPES], assignments, 0.0, lr=0.1, momentum=0.9,
+                      weight_decay=1e-4, codewords=starts)
+    for grads in gradients(5):
+        optimizer.step(sums_of(grads, assignments))
+    for weight, (_, d, _), assignment, start in zip(weights, SHAPES, assignments, starts):
+        codewords = optimizer.state[weight]["codewords"]
+        assert not torch.equal(codewords, start)  # they moved
+        assert torch.equal(weight.detach().reshape(-1, d), codewords[assignment.psi])
