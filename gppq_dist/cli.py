@@ -60,17 +60,17 @@ def size(
     as_json: bool = JsonOption,
 ) -> None:
     """Accounted size of the compressed model, per layer (needs no weights and no data)."""
+    from gppq_dist.compress import plan_for
     from gppq_dist.models import build_model
     from gppq_dist.pq.accounting import account
-    from gppq_dist.pq.plan import plan_layers
 
     cfg = _config(config, arch, sets)
     model = build_model(cfg.model.arch, cfg.model.num_classes, device="meta")
-    report = account(model, plan_layers(model, cfg.quantization))
+    report = account(model, plan_for(model, cfg))
     if as_json:
         _print_json({"arch": cfg.model.arch, "num_classes": cfg.model.num_classes, **report.to_dict()})
         return
-    table = Table(title=f"{cfg.model.arch} ({cfg.name}): accounted size")
+    table = Table(title=f"{cfg.model.arch} ({cfg.name}, {cfg.method.name}): accounted size")
     for column in ("layer", "shape", "d", "K", "subvectors", "index bits", "index B", "codebook B"):
         table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
     for cost in report.layers:

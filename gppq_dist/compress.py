@@ -76,12 +76,17 @@ def cluster(model: nn.Module, cfg: RunConfig, context: DistContext) -> Compresse
     return code_model(model, cfg, context, codec="pq")
 
 
+def plan_for(model: nn.Module, cfg: RunConfig, codec: str | None = None) -> list[LayerPlan]:
+    """The config's layer plan with its method's codec (``codec`` overrides it)."""
+    codec = codec or CODECS.get(cfg.method.name, "pq")
+    return plan_layers(model, cfg.quantization, codec=codec, stages=getattr(cfg.method, "stages", 1))
+
+
 def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: str | None = None) -> Compressed:
     """Code every planned layer with ``codec`` (default: the config method's), k-means of all
     layers in lockstep and sharded over the ranks."""
-    codec = codec or CODECS.get(cfg.method.name, "pq")
-    stages = getattr(cfg.method, "stages", 1)
-    plans = plan_layers(model, cfg.quantization, codec=codec, stages=stages)
+    plans = plan_for(model, cfg, codec)
+    codec = plans[0].codec if plans else "pq"
     modules = dict(model.named_modules())
     weights = [modules[plan.name].weight.detach().to(context.device) for plan in plans]
     options = kmeans_options(cfg, context)

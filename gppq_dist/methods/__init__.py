@@ -44,7 +44,7 @@ def result_line(summary: dict[str, Any]) -> str:
     """One line of a run's outcome, for the terminal."""
     method = summary.get("method", "gppq")
     direct = summary.get("direct_pq_top1")
-    reference = (f"{summary['top1_raw']:.2f}% raw, baseline {summary['baseline_top1']:.2f}%"
+    reference = (f"{method}; {summary['top1_raw']:.2f}% raw, baseline {summary['baseline_top1']:.2f}%"
                  + (f", direct PQ {direct:.2f}%" if direct is not None and method != "direct_pq" else ""))
-    return (f"{summary['artifact']}: {method} top-1 {summary['top1_quantized']:.2f}% quantized ({reference}), "
+    return (f"{summary['artifact']}: top-1 {summary['top1_quantized']:.2f}% quantized ({reference}), "
             f"{summary['size_mb']:.3f} MB, {summary['ratio']:.1f}x, Gamma {summary['gamma']:.2e}")

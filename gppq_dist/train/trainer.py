@@ -9,6 +9,10 @@ codebook as stored) and without, and logs Gamma. The final model is the snapped 
 0 writes it as ``<run dir>/gppq.gppq`` with ``summary.json`` and the resolved
 ``config.yaml`` beside it.
 
+Two-stage PQ (``method: two_stage_pq``) trains here too: its stage 1
+(:mod:`gppq_dist.methods.two_stage`) replaces the initial k-means and snaps the weights,
+and its codeword finetune is this loop with mu = 0 (``train.mu`` is not used).
+
 Checkpoints (rank 0, atomic) every ``train.checkpoint_every`` steps and after every epoch
 hold everything a bit-identical continuation needs, down to each rank's position in the
 epoch. ``resume=True`` continues from the newest readable one; a torchrun restart

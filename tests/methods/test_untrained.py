@@ -35,7 +35,8 @@ def config_for(tmp_path, digits_dir, method):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_the_artifact_is_the_model_that_was_scored_and_as_large_as_accounted(tmp_path, digits_dir, method):
-    cfg = load_config(config_for(tmp_path, digits_dir, method))
+    cfg_path = config_for(tmp_path, digits_dir, method)
+    cfg = load_config(cfg_path)
     summary = run(cfg, LOCAL)
     artifact = read_artifact(summary["artifact"])
     assert artifact.info["method"] == method == summary["method"]
@@ -45,6 +46,8 @@ def test_the_artifact_is_the_model_that_was_scored_and_as_large_as_accounted(tmp
     accounted = summary["size_mb"] * 2**20
     assert accounted <= summary["file_bytes"] <= accounted * 1.01 + 64 * 1024
     assert summary["epochs"] == 0 and summary["top1_raw"] == summary["baseline_top1"]
+    planned = json.loads(gppq("size", "--config", cfg_path, "--json", check=True).stdout)  # no weights, no data
+    assert planned["size_mb"] == summary["size_mb"]
     assert json.loads((cfg.run_dir / "summary.json").read_text())["file_bytes"] == summary["file_bytes"]
 
 
@@ -63,7 +66,7 @@ def test_residual_stages_cost_what_they_buy(tmp_path, digits_dir):
 def test_gppq_train_runs_them_from_the_command_line(tmp_path, digits_dir):
     path = config_for(tmp_path, digits_dir, "pq_subspace")
     result = gppq("train", "--config", path, "--set", "quantization.types.conv3x3.k=16", check=True)
-    assert "pq_subspace top-1" in result.stdout
+    assert "quantized (pq_subspace;" in result.stdout
     bad = gppq("train", "--config", path, "--set", "method.name=kmeans_scalar")
     assert bad.returncode == 2 and "method kmeans_scalar quantizes single weights" in bad.stderr
     assert "Traceback" not in bad.stderr
