@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-methods clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: setup
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/allreduce_bytes.py
 	$(BIN)/python benchmarks/step_time.py
+
+# every method at matched size on the demo data, 3 seeds (about 14 minutes on 2 cores)
+bench-methods: setup
+	$(BIN)/python benchmarks/compare_methods.py
 
 clean:
 	rm -rf runs data/digits .pytest_cache

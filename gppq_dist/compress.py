@@ -34,8 +34,8 @@ from gppq_dist.pq.variants import Coded, residual_pq, subspace_pq
 log = logging.getLogger(__name__)
 
 
-# method -> (codec, what it is called in artifacts and summaries); methods that train start
-# from direct PQ
+# untrained method -> the codec of its layers (direct PQ, and the methods that train, code
+# with "pq")
 CODECS = {"kmeans_scalar": "pq", "pq_subspace": "pq_subspace", "residual_pq": "residual"}
 UNTRAINED = ("direct_pq", *CODECS)
 
