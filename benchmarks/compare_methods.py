@@ -29,12 +29,14 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from gppq_dist.config import load_config
@@ -72,8 +74,6 @@ def run_one(base: Path, out: Path, weights: str, method: str, point: str, seed: 
     if summary_path.is_file() and not force:
         return json.loads(summary_path.read_text())
     if force and (out / name).exists():
-        import shutil
-
         shutil.rmtree(out / name)
     section, rules = SETTINGS[method][point]
     sets = {
@@ -137,7 +137,7 @@ def main() -> None:
         lines.append(f"| {row['method']} | {row['point']} | {row['size_mb']:.3f} | {row['ratio']:.1f}x | "
                      f"{row['top1_mean']:.2f} +- {row['top1_std']:.2f} | {row['wall_s']:.0f} |")
     lines.append("")
-    lines.append(f"torch {__import__('torch').__version__}, Python {platform.python_version()}, "
+    lines.append(f"torch {torch.__version__}, Python {platform.python_version()}, "
                  f"{platform.machine()}, {os.cpu_count()} cores")
     text = "\n".join(lines)
     print(text)
