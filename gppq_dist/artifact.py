@@ -10,7 +10,13 @@ Contents (tensor names):
   (the stem conv, biases);
 - ``bn_scale/<bn>``, ``bn_shift/<bn>``: fp32, each BatchNorm folded to two vectors,
   ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``;
-- ``buffer/<name>``: any other buffer (none in torchvision ResNets).
+- ``buffer/<name>``: any other buffer (none in torchvision ResNets);
+- ``pattern/<layer>``: a ``clipq`` layer's sparsity pattern, relative indices of
+  ``r`` bits bit-packed (:mod:`gppq_dist.pq.clipq`; ``r`` and the count are in the payload's
+  ``patterns``); its ``indices`` are those of the kept weights, its codebook the 2^b levels;
+- ``activation/<layer>``: fp32 ``[eps, step, levels]`` of a ``ternary`` (TSQ) layer's input
+  quantizer, applied at inference too (:func:`rebuild_model` installs it as a pre-hook); a
+  ``ternary`` layer's indices are 2-bit sign codes, its codebook one alpha per output row.
 
 Metadata (the safetensors header, strings only): ``format`` = ``gppq``, ``format_version``,
 ``payload`` (JSON: architecture, per-layer layout, accounted size, config, preprocessing)
@@ -36,12 +42,16 @@ from gppq_dist.errors import ArtifactError
 from gppq_dist.io import atomic_path
 from gppq_dist.models import build_model
 from gppq_dist.pq.accounting import account
+from gppq_dist.pq.clipq import best_gap_bits, gap_codes, mask_from_gap_codes, pattern_bytes
 from gppq_dist.pq.codec import decode_layer, pack_indices, unpack_indices
 from gppq_dist.pq.plan import LayerPlan
+from gppq_dist.pq.ternary import InputQuantizer
 
 FORMAT = "gppq"
-FORMAT_VERSION = 2  # 2: per-layer codecs (version 1 files are all "pq" and read the same)
-READABLE_VERSIONS = ("1", "2")
+# 2: per-layer codecs (version 1 files are all "pq" and read the same); 3: the clipq and
+# ternary codecs (sparsity patterns, input quantizers)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 
 
 @dataclass
@@ -58,6 +68,8 @@ class Artifact:
     bn_shift: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # clipq: kept weights (flat bool)
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)  # ternary: input quantizer
 
     @property
     def accounted_bytes(self) -> float:
@@ -65,7 +77,7 @@ class Artifact:
 
     def decoded_weight(self, name: str) -> torch.Tensor:
         plan = next(p for p in self.layers if p.name == name)
-        return decode_layer(plan, self.codebooks[name].float(), self.assignments[name])
+        return decode_layer(plan, self.codebooks[name].float(), self.assignments[name], self.masks.get(name))
 
 
 def build_artifact(
@@ -74,11 +86,20 @@ def build_artifact(
     codebooks: dict[str, torch.Tensor],
     assignments: dict[str, torch.Tensor],
     info: dict[str, Any] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    activations: dict[str, torch.Tensor] | None = None,
 ) -> Artifact:
     """Package ``model`` (uncompressed params and BN stats) with the layers' codes.
 
     ``codebooks`` are stored in fp16; the model's quantized weights themselves are not read.
+    ``masks``: every ``clipq`` layer's kept weights; ``activations``: every ``ternary``
+    layer's input quantizer (``InputQuantizer.to_tensor``).
     """
+    masks = {n: m.detach().cpu().reshape(-1).bool() for n, m in (masks or {}).items()}
+    for plan in plans:
+        if plan.codec == "clipq" and int(masks[plan.name].sum()) != plan.n_indices:
+            raise ValueError(f"layer {plan.name!r}: mask keeps {int(masks[plan.name].sum())} weights, "
+                             f"its plan {plan.n_indices}")
     arch, num_classes = _identity(model, info)
     quantized = {_weight_name(plan.name) for plan in plans}
     params, buffers, bn_scale, bn_shift = {}, {}, {}, {}
@@ -99,7 +120,7 @@ def build_artifact(
             continue
         target = params if name in parameter_names else buffers
         target[name] = tensor.detach().float().cpu().contiguous()
-    report = account(model, plans)
+    report = account(model, plans, {n: pattern_bytes(m.numpy()) for n, m in masks.items()})
     payload = {
         "arch": arch,
         "num_classes": num_classes,
@@ -118,6 +139,8 @@ def build_artifact(
         bn_shift=bn_shift,
         buffers=buffers,
         info=payload,
+        masks=masks,
+        activations={n: a.detach().float().cpu().reshape(3) for n, a in (activations or {}).items()},
     )
 
 
@@ -135,16 +158,26 @@ def fold_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tenso
 def write_artifact(artifact: Artifact, path: str | Path) -> int:
     """Write atomically; returns the file's size in bytes."""
     tensors: dict[str, torch.Tensor] = {}
+    patterns = {}
     for plan in artifact.layers:
         packed = pack_indices(artifact.assignments[plan.name], plan.index_bits)
         tensors[f"indices/{plan.name}"] = torch.from_numpy(packed)
         tensors[f"codebook/{plan.name}"] = artifact.codebooks[plan.name]
+        if plan.codec == "clipq":
+            mask = artifact.masks[plan.name].numpy()
+            bits, _ = best_gap_bits(mask)
+            codes = gap_codes(mask, bits)
+            tensors[f"pattern/{plan.name}"] = torch.from_numpy(pack_indices(torch.from_numpy(codes), bits))
+            patterns[plan.name] = [bits, int(codes.size)]
+        if plan.codec == "ternary":
+            tensors[f"activation/{plan.name}"] = artifact.activations[plan.name]
     tensors.update({f"param/{n}": t for n, t in artifact.params.items()})
     tensors.update({f"buffer/{n}": t for n, t in artifact.buffers.items()})
     tensors.update({f"bn_scale/{n}": t for n, t in artifact.bn_scale.items()})
     tensors.update({f"bn_shift/{n}": t for n, t in artifact.bn_shift.items()})
     payload = json.dumps(
-        {**artifact.info, "layers": [plan.to_dict() for plan in artifact.layers]},
+        {**artifact.info, "layers": [plan.to_dict() for plan in artifact.layers],
+         **({"patterns": patterns} if patterns else {})},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -184,12 +217,25 @@ def read_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"'{path}' is corrupt: checksum mismatch (the file was altered or damaged)")
     payload = json.loads(payload_text)
     layers = [LayerPlan.from_dict(entry) for entry in payload.pop("layers")]
-    assignments = {
-        plan.name: unpack_indices(
-            tensors[f"indices/{plan.name}"].numpy(), plan.index_bits, plan.n_indices
-        )
-        for plan in layers
-    }
+    patterns = payload.pop("patterns", {})
+    try:
+        assignments = {
+            plan.name: unpack_indices(tensors[f"indices/{plan.name}"].numpy(), plan.index_bits, plan.n_indices)
+            for plan in layers
+        }
+        masks = {}
+        for plan in layers:
+            if plan.codec != "clipq":
+                continue
+            bits, count = patterns[plan.name]
+            codes = unpack_indices(tensors[f"pattern/{plan.name}"].numpy(), bits, count).numpy()
+            masks[plan.name] = torch.from_numpy(mask_from_gap_codes(codes, bits, plan.n_subvectors))
+            if int(masks[plan.name].sum()) != plan.n_indices:
+                raise ValueError(f"the sparsity pattern of layer '{plan.name}' keeps {int(masks[plan.name].sum())} "
+                                 f"weights, its layout says {plan.n_indices}")
+        activations = {plan.name: tensors[f"activation/{plan.name}"] for plan in layers if plan.codec == "ternary"}
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"'{path}': inconsistent layer data: {exc}") from None
     for plan in layers:
         if tuple(tensors[f"codebook/{plan.name}"].shape) != plan.codebook_shape:
             raise ArtifactError(f"'{path}': codebook of layer '{plan.name}' has shape "
@@ -209,6 +255,8 @@ def read_artifact(path: str | Path) -> Artifact:
         bn_shift=group("bn_shift/"),
         buffers=group("buffer/"),
         info=payload,
+        masks=masks,
+        activations=activations,
     )
 
 
@@ -216,7 +264,8 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
     """A plain torchvision ``nn.Module`` (eval mode) computing what the artifact encodes.
 
     Each BatchNorm keeps its class but holds the folded vectors: ``weight = scale``,
-    ``bias = shift``, ``running_mean = 0``, ``running_var = 1``, ``eps = 0``.
+    ``bias = shift``, ``running_mean = 0``, ``running_var = 1``, ``eps = 0``. A layer with an
+    input quantizer (TSQ) gets it as a forward pre-hook.
     """
     model = build_model(artifact.arch, artifact.num_classes, device="meta").to_empty(device="cpu")
     state = {_weight_name(p.name): artifact.decoded_weight(p.name) for p in artifact.layers}
@@ -237,6 +286,9 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"artifact does not fit a {artifact.arch}: {exc}") from None
+    modules = dict(model.named_modules())
+    for name, values in artifact.activations.items():
+        modules[name].register_forward_pre_hook(InputQuantizer.from_tensor(values))
     return model.eval()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,10 @@ from gppq_dist.pq.variants import Coded, residual_pq, subspace_pq
 log = logging.getLogger(__name__)
 
 
-# untrained method -> the codec of its layers (direct PQ, and the methods that train, code
-# with "pq")
+# untrained method -> the codec of its layers (direct PQ, and G&P / two-stage PQ, code with "pq")
 CODECS = {"kmeans_scalar": "pq", "pq_subspace": "pq_subspace", "residual_pq": "residual"}
 UNTRAINED = ("direct_pq", *CODECS)
+TRAINED_CODECS = {"clipq": "clipq", "tsq": "ternary"}
 
 
 @dataclass
@@ -78,13 +78,20 @@ def cluster(model: nn.Module, cfg: RunConfig, context: DistContext) -> Compresse
 
 def plan_for(model: nn.Module, cfg: RunConfig, codec: str | None = None) -> list[LayerPlan]:
     """The config's layer plan with its method's codec (``codec`` overrides it)."""
-    codec = codec or CODECS.get(cfg.method.name, "pq")
-    return plan_layers(model, cfg.quantization, codec=codec, stages=getattr(cfg.method, "stages", 1))
+    codec = codec or CODECS.get(cfg.method.name) or TRAINED_CODECS.get(cfg.method.name, "pq")
+    plans = plan_layers(model, cfg.quantization, codec=codec, stages=getattr(cfg.method, "stages", 1))
+    if codec == "clipq":
+        settings = [cfg.method.setting(plan.name) for plan in plans]
+        plans = [replace(plan, prune=prune, k=1 << bits, k_requested=1 << bits)
+                 for plan, (prune, bits) in zip(plans, settings)]
+    return plans
 
 
 def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: str | None = None) -> Compressed:
     """Code every planned layer with ``codec`` (default: the config method's), k-means of all
     layers in lockstep and sharded over the ranks."""
+    if codec is None and cfg.method.name in TRAINED_CODECS:
+        codec = "pq"  # their direct-PQ starting point (`gppq compress`)
     plans = plan_for(model, cfg, codec)
     codec = plans[0].codec if plans else "pq"
     modules = dict(model.named_modules())

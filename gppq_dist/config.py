@@ -73,12 +73,16 @@ class QuantizationConfig(_Strict):
     @field_validator("names")
     @classmethod
     def _valid_regexes(cls, names: dict[str, Any]) -> dict[str, Any]:
-        for pattern in names:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-        return names
+        return _regex_keys(names)
+
+
+def _regex_keys(mapping: dict[str, Any]) -> dict[str, Any]:
+    for pattern in mapping:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    return mapping
 
 
 class ModelConfig(_Strict):
@@ -223,13 +227,63 @@ class TwoStagePQMethod(_Strict):
     calibration_batches: int = Field(4, gt=0, description="train batches whose activations weight the k-means")
 
 
+class ClipQLayer(_Strict):
+    prune: float = Field(ge=0.0, lt=1.0, description="fraction of the layer's weights pruned (smallest magnitude)")
+    bits: int = Field(ge=1, le=8, description="the kept weights take 2^bits levels")
+
+
+class ClipQMethod(_Strict):
+    """CLIP-Q: per layer a pruning fraction and a bit width; every step the full-precision
+    weights (which keep training, ``train.*``) are pruned and quantized for the forward
+    pass. The layers are those the ``quantization`` rules pick (their d and k are not used);
+    ``layers`` sets (prune, bits) by layer name (regex, full match, first wins). The paper's
+    Bayesian-optimisation search for per-layer settings is not part of this method: set them."""
+
+    name: Literal["clipq"]
+    prune: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of every layer's weights pruned")
+    bits: int = Field(2, ge=1, le=8, description="the kept weights of every layer take 2^bits levels")
+    layers: dict[str, ClipQLayer] = Field(default_factory=dict, description="per-layer (prune, bits) by name regex")
+
+    @field_validator("layers")
+    @classmethod
+    def _patterns_compile(cls, layers: dict[str, ClipQLayer]) -> dict[str, ClipQLayer]:
+        return _regex_keys(layers)
+
+    def setting(self, layer: str) -> tuple[float, int]:
+        """``(prune, bits)`` of the named layer."""
+        for pattern, rule in self.layers.items():
+            if re.fullmatch(pattern, layer):
+                return rule.prune, rule.bits
+        return self.prune, self.bits
+
+
+class TSQMethod(_Strict):
+    """Two-Step Quantization: step 1 trains the network with sparse-quantized inputs to the
+    coded layers (``code_epochs`` epochs, full-precision weights), step 2 makes every coded
+    layer ternary ({-alpha, 0, +alpha} per output row) by iterative least squares against
+    its response to the codes, layer by layer in network order; then ``train.epochs`` of
+    finetuning (straight-through). The inputs stay quantized at inference. Layers: those
+    the ``quantization`` rules pick (d and k not used); the ternary weights cost 2 bits."""
+
+    name: Literal["tsq"]
+    activation_bits: int = Field(2, ge=1, le=8, description="inputs take 0 or one of 2^bits - 1 levels")
+    activation_sparsity: float = Field(0.5, ge=0.0, lt=1.0,
+                                       description="fraction of a layer's calibration inputs set to 0")
+    code_epochs: int = Field(1, ge=0, description="epochs of step 1 (quantized inputs, full-precision weights)")
+    calibration_batches: int = Field(4, gt=0, description="train batches per rank for the quantizers and step 2")
+    ls_iterations: int = Field(3, gt=0, description="alternations of alpha and the ternary codes in step 2")
+    ridge: float = Field(0.01, ge=0.0, description="step 2: this fraction of the mean input energy on the diagonal")
+
+
 MethodConfig = Annotated[
-    GPPQMethod | DirectPQMethod | KMeansScalarMethod | PQSubspaceMethod | ResidualPQMethod | TwoStagePQMethod,
+    GPPQMethod | DirectPQMethod | KMeansScalarMethod | PQSubspaceMethod | ResidualPQMethod | TwoStagePQMethod
+    | ClipQMethod | TSQMethod,
     Field(discriminator="name"),
 ]
 METHODS: dict[str, type[BaseModel]] = {
     typing.get_args(cls.model_fields["name"].annotation)[0]: cls
-    for cls in (GPPQMethod, DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod, TwoStagePQMethod)
+    for cls in (GPPQMethod, DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod, TwoStagePQMethod,
+                ClipQMethod, TSQMethod)
 }
 
 

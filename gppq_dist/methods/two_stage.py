@@ -40,6 +40,39 @@ class _Reached(Exception):
     """Raised by the input hook: the rest of the forward pass is not needed."""
 
 
+def calibration_batches(cfg: RunConfig, context: DistContext, count: int) -> list[torch.Tensor]:
+    """The first ``count`` train batches of epoch 0 of this rank's shard (images only, on
+    the loader's device)."""
+    loader = build_loader(cfg.data, "train", batch_size=cfg.train.batch_size // context.world_size,
+                          rank=context.rank, world_size=context.world_size, local_rank=context.local_rank,
+                          seed=cfg.seed)
+    loader.set_epoch(0)
+    device = loader.device
+    batches = [images.to(device) for images, _ in islice(loader, count)]
+    del loader
+    return batches
+
+
+@torch.no_grad()
+def for_each_input(model: nn.Module, module: nn.Module, batches: list[torch.Tensor], fold) -> None:
+    """``fold(inputs)`` with ``module``'s input (after its other pre-hooks) for each batch;
+    the forward pass stops there."""
+
+    def capture(_module, args):
+        fold(args[0])
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(capture)
+    try:
+        for images in batches:
+            try:
+                model(images)
+            except _Reached:
+                pass
+    finally:
+        handle.remove()
+
+
 def layerwise_pq(model: nn.Module, plans: list[LayerPlan], cfg: RunConfig, context: DistContext,
                  reducer: Reducer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Stage 1: psi and the (fp16-exact, fp32) codebooks of every layer; ``model``'s
@@ -51,13 +84,7 @@ def layerwise_pq(model: nn.Module, plans: list[LayerPlan], cfg: RunConfig, conte
         return compressed.assignments, codebooks
 
     start = time.perf_counter()
-    loader = build_loader(cfg.data, "train", batch_size=cfg.train.batch_size // context.world_size,
-                          rank=context.rank, world_size=context.world_size, local_rank=context.local_rank,
-                          seed=cfg.seed)
-    loader.set_epoch(0)
-    device = loader.device
-    batches = [images.to(device) for images, _ in islice(loader, cfg.method.calibration_batches)]
-    del loader
+    batches = calibration_batches(cfg, context, cfg.method.calibration_batches)
     modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
@@ -66,21 +93,10 @@ def layerwise_pq(model: nn.Module, plans: list[LayerPlan], cfg: RunConfig, conte
         module = modules[plan.name]
         moment = torch.zeros(plan.d, plan.d, dtype=torch.float64)
 
-        def capture(_module, args, plan=plan):
-            nonlocal moment
-            moment += second_moment(input_slices(_module, args[0], plan.d))[0].cpu()
-            raise _Reached
+        def add(inputs, plan=plan, module=module, moment=moment):
+            moment.add_(second_moment(input_slices(module, inputs, plan.d))[0].cpu())
 
-        handle = module.register_forward_pre_hook(capture)
-        try:
-            with torch.no_grad():
-                for images in batches:
-                    try:
-                        model(images)
-                    except _Reached:
-                        pass
-        finally:
-            handle.remove()
+        for_each_input(model, module, batches, add)
         if reducer.world_size > 1:
             reducer.all_reduce_sum(moment)
         result = weighted_kmeans(

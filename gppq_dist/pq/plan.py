@@ -14,7 +14,15 @@ strictly below ``n_subvectors / 4`` (DESIGN §2).
   (column block j of the rows), each fitted on the layer's ``Cout`` rows, so K is clamped
   against ``Cout`` (Gong et al. 2014);
 - ``residual``: ``stages`` joint codebooks, each coding what the stages before it left
-  (residual quantization, Gong et al. 2014); one index per subvector and stage.
+  (residual quantization, Gong et al. 2014); one index per subvector and stage;
+- ``clipq``: single weights (d = 1), the smallest-magnitude fraction ``prune`` pruned and
+  the rest coded with K = 2^b levels (:mod:`gppq_dist.pq.clipq`); one index per kept weight,
+  the sparsity pattern stored beside them;
+- ``ternary``: single weights in {-alpha, 0, +alpha}, a 2-bit code each (K = 4, three used)
+  and one fp16 alpha per output row (:mod:`gppq_dist.pq.ternary`).
+
+For ``clipq`` and ``ternary`` the rules only choose the layers: their d and k are not used
+(the method's settings give the bits).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any, Mapping, Protocol
 from torch import nn
 
 from gppq_dist.errors import ConfigError
+from gppq_dist.pq.clipq import n_kept
 from gppq_dist.pq.subvectors import row_length
 
 
@@ -57,6 +66,7 @@ class LayerPlan:
     rule: str
     codec: str = "pq"
     stages: int = 1
+    prune: float = 0.0  # clipq: fraction of the weights pruned
 
     @property
     def n_subvectors(self) -> int:
@@ -71,11 +81,18 @@ class LayerPlan:
 
     @property
     def codebook_shape(self) -> tuple[int, ...]:
-        return (self.k, self.d) if self.codec == "pq" else (self.n_codebooks, self.k, self.d)
+        if self.codec == "ternary":
+            return (self.shape[0], 1)  # alpha per output row
+        if self.codec in ("pq", "clipq"):
+            return (self.k, self.d)
+        return (self.n_codebooks, self.k, self.d)
 
     @property
     def n_indices(self) -> int:
-        """Stored indices: one per subvector (and per stage for ``residual``)."""
+        """Stored indices: one per subvector (and per stage for ``residual``; per kept
+        weight for ``clipq``)."""
+        if self.codec == "clipq":
+            return n_kept(self.n_subvectors, self.prune)
         return self.n_subvectors * (self.stages if self.codec == "residual" else 1)
 
     @property
@@ -94,6 +111,7 @@ class LayerPlan:
             "rule": self.rule,
             "codec": self.codec,
             "stages": self.stages,
+            "prune": self.prune,
         }
 
     @classmethod
@@ -108,6 +126,7 @@ class LayerPlan:
             rule=str(data["rule"]),
             codec=str(data.get("codec", "pq")),
             stages=int(data.get("stages", 1)),
+            prune=float(data.get("prune", 0.0)),
         )
 
 
@@ -127,7 +146,8 @@ def clamp_k(k: int, n_subvectors: int) -> int:
     return min(k, 1 << ((n_subvectors - 1).bit_length() - 3))
 
 
-CODECS = ("pq", "pq_subspace", "residual")
+CODECS = ("pq", "pq_subspace", "residual", "clipq", "ternary")
+ELEMENTWISE = ("clipq", "ternary")  # single weights: the rules' d and k are not used
 
 
 def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int = 1) -> list[LayerPlan]:
@@ -149,6 +169,10 @@ def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int =
         if rule is None:
             continue
         shape = tuple(module.weight.shape)
+        if codec in ELEMENTWISE:
+            plans.append(LayerPlan(name=name, kind=kind, shape=shape, d=1, k=4 if codec == "ternary" else rule.k,
+                                   k_requested=rule.k, rule=key, codec=codec))
+            continue
         length = row_length(shape)
         if length % rule.d:
             divisors = [n for n in range(1, min(length, 64) + 1) if length % n == 0]

@@ -46,6 +46,9 @@ DeepSpeed needs a process group even for one process. ``distributed=False`` uses
 group when one is up, and otherwise starts one (gloo over an in-process store, no
 rendezvous), which :func:`gppq_dist.distributed.shutdown` ends like any other.
 
+With a straight-through method (CLIP-Q, TSQ: ``update`` manages no weights) every
+parameter is DeepSpeed's and ``optimizer`` is the SGD it wraps (the lr scheduler's handle).
+
 ``state_dict()`` holds our GPSGD's state and DeepSpeed's optimizer state for this rank (its
 ZeRO partition, so ``sharded`` is true for stage 1 and 2), as plain containers: the loss
 scaler object (a constant 1 in fp32, restored from the live engine on load) and the
@@ -175,8 +178,10 @@ class DeepSpeedEngine:
         self.model = model
         self.update = update
         self.sharded = stage >= 1
+        self.gp = bool(update.weights)
         self._rest = unquantized(model, update)
-        self.optimizer = gp_sgd(update, hp)
+        base = sgd(self._rest, hp)
+        self.optimizer = gp_sgd(update, hp) if self.gp else base
 
         config = copy.deepcopy(ds_config)
         config.update(
@@ -190,7 +195,7 @@ class DeepSpeedEngine:
             zero_allow_untested_optimizer=True,
         )
         self.ds, _, _, _ = deepspeed.initialize(
-            model=_CallerAutocast(model), model_parameters=self._rest, optimizer=sgd(self._rest, hp),
+            model=_CallerAutocast(model), model_parameters=self._rest, optimizer=base,
             config=config, dist_init_required=False,
         )
         if stage == 0:
@@ -213,22 +218,33 @@ class DeepSpeedEngine:
     def step(self, loss: torch.Tensor) -> float | None:
         mean, sums = reduce_step(loss, self.update)
         if mean is not None:
-            self.optimizer.step(sums)
-            copy_lr(self.optimizer, self.ds.optimizer)
+            if self.gp:
+                self.optimizer.step(sums)
+                copy_lr(self.optimizer, self.ds.optimizer)
             self.ds.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.gp:
+            self.optimizer.zero_grad(set_to_none=True)
         self.ds.optimizer.zero_grad(set_to_none=True)  # its step clears them, a skipped step must too
         return mean
+
+    def restart(self) -> None:
+        """The weights were replaced in place (a new phase): drop the momentum, and give ZeRO's
+        fp32 master partition the new weights (it would write the old ones back)."""
+        self.optimizer.state.clear()
+        (self.ds.optimizer.optimizer if self.sharded else self.ds.optimizer).state.clear()
+        if self.sharded:
+            self.ds.optimizer.refresh_fp32_params()
 
     def state_dict(self) -> dict[str, Any]:
         ds_state = self.ds.optimizer.state_dict()
         if self.sharded:
             ds_state = {k: v for k, v in ds_state.items() if k not in _ZERO_STATE_DROPPED}
             ds_state["zero_stage"] = int(ds_state["zero_stage"])  # an IntEnum: not a plain container
-        return {"optimizer": self.optimizer.state_dict(), "deepspeed": ds_state}
+        return {"optimizer": self.optimizer.state_dict() if self.gp else None, "deepspeed": ds_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.gp:
+            self.optimizer.load_state_dict(state["optimizer"])
         if not self.sharded:
             self.ds.optimizer.load_state_dict(state["deepspeed"])
             return

@@ -14,6 +14,10 @@ and every other parameter with a plain SGD of the same hyperparameters, then cle
 gradients. ``optimizer`` is the quantized weights' ``GPSGD``, the optimizer the trainer's
 lr scheduler drives; the other optimizer copies its lr before stepping.
 
+With a straight-through method (CLIP-Q, TSQ: ``update`` manages no weights) there is no
+GPSGD: ``optimizer`` is one SGD over every trainable parameter, all of them reduced by DDP
+(or DeepSpeed).
+
 ``state_dict()`` returns plain containers (tensors, numbers, strings, lists, dicts) that
 ``torch.load(weights_only=True)`` reads back. When ``sharded`` is true the state differs
 per rank (ZeRO partitions) and the trainer gathers every rank's to rank 0, which alone
@@ -42,6 +46,8 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self, loss: torch.Tensor) -> float | None: ...
+
+    def restart(self) -> None: ...  # after the weights were replaced: forget the momentum
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -81,21 +87,26 @@ def copy_lr(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> Non
 
 class DDPEngine:
     """GPSGD for the quantized weights, SGD for the rest; DDP for the unquantized ones (one
-    process: none)."""
+    process: none). Without G&P-managed weights: SGD and DDP for all."""
 
     sharded = False
 
     def __init__(self, model: nn.Module, update: GPUpdate, hp: TrainConfig, distributed: bool) -> None:
         self.model = model
         self.update = update
+        self.gp = bool(update.weights)
         if distributed:
-            update.exclude_from_ddp(model)
+            if self.gp:
+                update.exclude_from_ddp(model)
             self.wrapped: nn.Module = nn.parallel.DistributedDataParallel(model)
         else:
             self.wrapped = model
-        self.optimizer = gp_sgd(update, hp)
         rest = unquantized(model, update)
-        self.rest = sgd(rest, hp) if rest else None
+        if self.gp:
+            self.optimizer: torch.optim.Optimizer = gp_sgd(update, hp)
+            self.rest = sgd(rest, hp) if rest else None
+        else:
+            self.optimizer, self.rest = sgd(rest, hp), None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.wrapped(images)
@@ -106,7 +117,7 @@ class DDPEngine:
     def step(self, loss: torch.Tensor) -> float | None:
         mean, sums = reduce_step(loss, self.update)
         if mean is not None:
-            self.optimizer.step(sums)
+            self.optimizer.step(sums) if self.gp else self.optimizer.step()
             if self.rest is not None:
                 copy_lr(self.optimizer, self.rest)
                 self.rest.step()
@@ -114,6 +125,12 @@ class DDPEngine:
         if self.rest is not None:
             self.rest.zero_grad(set_to_none=True)
         return mean
+
+    def restart(self) -> None:
+        """The weights were replaced in place (a new phase): drop the momentum."""
+        self.optimizer.state.clear()
+        if self.rest is not None:
+            self.rest.state.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),

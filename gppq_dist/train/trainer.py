@@ -22,7 +22,6 @@ weights, naming the step and the last good checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -32,21 +31,20 @@ import torch
 import yaml
 from torch import nn
 
-from gppq_dist.artifact import build_artifact, snap_model_, write_artifact
-from gppq_dist.compress import artifact_info, cluster, load_model
+from gppq_dist.artifact import write_artifact
+from gppq_dist.compress import artifact_info, cluster, load_model, plan_for
 from gppq_dist.config import RunConfig
 from gppq_dist.data.loaders import build_loader, checked_samples
 from gppq_dist.distributed import DistContext, gather_to_main, reducer_for, restart_count
 from gppq_dist.errors import ConfigError, DataError, UserError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
-from gppq_dist.pq.gp import cluster_means
-from gppq_dist.pq.plan import plan_layers
 from gppq_dist.progress import progress_bar
 from gppq_dist.tracking import NullTracker, open_tracker
 from gppq_dist.train import checkpoint
 from gppq_dist.train.engine import DDPEngine, Engine
 from gppq_dist.train.gp_update import GPUpdate
+from gppq_dist.train.schemes import GPScheme, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +56,6 @@ RESUMABLE_CHANGES = ("name", "output_dir", "train.epochs", "train.checkpoint_eve
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: the run stops before the step is applied."""
-
-
-def codebooks_of(update: GPUpdate) -> dict[str, torch.Tensor]:
-    """Current codewords of every quantized layer: the means of their members (eq. 5)."""
-    return {
-        plan.name: cluster_means(weight.detach().reshape(-1, plan.d), assignment)
-        for plan, weight, assignment in zip(update.plans, update.weights, update.assignments)
-    }
-
-
-def snapped_copy(model: nn.Module, update: GPUpdate) -> nn.Module:
-    """A copy of ``model`` with every quantized weight replaced by its codewords."""
-    assignments = {plan.name: a.psi for plan, a in zip(update.plans, update.assignments)}
-    return snap_model_(copy.deepcopy(model), update.plans, codebooks_of(update), assignments)
 
 
 def broadcast_buffers_(model: nn.Module, reducer) -> None:
@@ -105,6 +89,33 @@ def preflight(cfg: RunConfig, context: DistContext, reducer) -> None:
         raise error
     if not ok.item():
         raise DataError(f"data check of '{cfg.data.root}' failed on rank 0 (its message says why)")
+
+
+def make_scheme(cfg: RunConfig, model: nn.Module, plans, context: DistContext, reducer,
+                state: dict[str, Any] | None) -> Scheme:
+    """The method's scheme, from a checkpoint's ``state`` or fresh (its initial coding)."""
+    name = cfg.method.name
+    if name == "clipq":
+        from gppq_dist.methods.clipq import ClipQScheme
+
+        return ClipQScheme(model, plans, reducer)
+    if name == "tsq":
+        from gppq_dist.methods.tsq import TSQScheme
+
+        return TSQScheme(model, plans, cfg, context, reducer, state)
+    two_stage = name == "two_stage_pq"
+    codebooks = None
+    if state is not None:
+        psi = state["psi"]
+    elif two_stage:
+        from gppq_dist.methods.two_stage import layerwise_pq
+
+        psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer)
+    else:
+        psi = cluster(model, cfg, context).assignments
+    # two-stage PQ finetunes the codewords of snapped weights: no pull (mu = 0), and the
+    # weights stay exactly quantized
+    return GPScheme(model, plans, psi, 0.0 if two_stage else cfg.train.mu, reducer, codebooks, two_stage=two_stage)
 
 
 def make_engine(cfg: RunConfig, model: nn.Module, update: GPUpdate, context: DistContext) -> Engine:
@@ -192,28 +203,19 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
     val_loader = build_loader(cfg.data, "val", **loader_args)
     device = train_loader.device
     model = load_model(cfg).to(device)
-    plans = plan_layers(model, cfg.quantization)
-    two_stage = cfg.method.name == "two_stage_pq"
-    codebooks = None
+    plans = plan_for(model, cfg)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
-        psi, baseline, direct = resumed["psi"], resumed["baseline"], resumed["direct"]
+        baseline, direct = resumed["baseline"], resumed["direct"]
+        scheme = make_scheme(cfg, model, plans, context, reducer, resumed["scheme"])
     else:
         baseline = evaluate(model, val_loader, device, "baseline val", reducer)
-        if two_stage:
-            from gppq_dist.methods.two_stage import layerwise_pq
-
-            psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer)
-        else:
-            psi = cluster(model, cfg, context).assignments
-    # two-stage PQ finetunes the codewords of snapped weights: no pull (mu = 0), and the
-    # weights stay exactly quantized
-    update = GPUpdate(model, plans, psi, 0.0 if two_stage else hp.mu, reducer, codebooks=codebooks)
-    if resumed is None:
-        direct = evaluate(snapped_copy(model, update), val_loader, device,
-                          "two-stage PQ stage 1 val" if two_stage else "direct PQ val", reducer)
+        scheme = make_scheme(cfg, model, plans, context, reducer, None)
+        direct = evaluate(scheme.quantized_copy(), val_loader, device, f"{scheme.start_label} val", reducer)
         log.info("baseline top-1 %.2f%%, %s top-1 %.2f%%, Gamma %.3e", baseline["top1"],
-                 "stage 1" if two_stage else "direct PQ", direct["top1"], update.gamma())
+                 scheme.start_label, direct["top1"], scheme.gamma())
+    update = scheme.update
+    epochs = hp.epochs + scheme.extra_epochs
 
     engine = make_engine(cfg, model, update, context)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
@@ -253,7 +255,7 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
         if context.is_main:
             last_saved = str(checkpoint.save(cfg.run_dir, global_step, {
                 "model": model.state_dict(), "engine": engine_state, "scheduler": scheduler.state_dict(),
-                "psi": {n: p.cpu() for n, p in psi.items()}, "rng": torch.get_rng_state(),
+                "scheme": scheme.state_dict(), "rng": torch.get_rng_state(),
                 "history": history, "baseline": baseline, "direct": direct, "config": cfg.model_dump(mode="json"),
                 "epoch": epoch, "batch": batch, "epoch_done": epoch_done, "loss_sum": loss_sum,
                 "world_size": context.world_size, "loader": loader_positions,
@@ -261,9 +263,16 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.precision == "bf16")
     images_per_step = hp.batch_size
-    with progress_bar("G&P PQ", total=(hp.epochs - epoch + 1) * steps - batch) as bar:
-        gamma, shown = update.gamma(), time.perf_counter()
-        while epoch <= hp.epochs:
+    with progress_bar(scheme.label, total=(epochs - epoch + 1) * steps - batch) as bar:
+        gamma, shown = scheme.gamma(), time.perf_counter()
+        while epoch <= epochs:
+            if scheme.begin_epoch(epoch):  # a new phase: the momentum, lr and its schedule start over
+                engine.restart()
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = hp.lr
+                scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
+                                                                       patience=hp.plateau_patience)
+                gamma = scheme.gamma()
             state = positions[context.rank] if positions else ""
             train_loader.set_epoch(epoch - 1, start_step=batch, state=state)
             positions = None
@@ -271,9 +280,11 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
             epoch_start, done_here = time.perf_counter(), 0
             for images, labels in train_loader:
                 images, labels = images.to(device), labels.to(device)
+                scheme.before_forward()
                 with autocast:
                     loss = nn.functional.cross_entropy(engine.forward(images), labels)
                 engine.backward(loss)
+                scheme.after_backward()
                 mean = engine.step(loss)
                 batch += 1
                 global_step += 1
@@ -290,9 +301,9 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                 done_here += 1
                 now = time.perf_counter()
                 if bar.active and now - shown > 1.0:  # Gamma for the bar, at most once a second
-                    gamma, shown = update.gamma(), now
+                    gamma, shown = scheme.gamma(), now
                 rate = done_here * images_per_step / max(now - epoch_start, 1e-9)
-                bar(1, status=f"epoch {epoch}/{hp.epochs} loss {mean:.3f} Gamma {gamma:.2e} {rate:.0f} img/s")
+                bar(1, status=f"epoch {epoch}/{epochs} loss {mean:.3f} Gamma {gamma:.2e} {rate:.0f} img/s")
                 if global_step % cfg.tracking.log_every == 0:
                     tracker.log_step(global_step, mean, engine.optimizer.param_groups[0]["lr"], rate)
                 if hp.checkpoint_every and global_step % hp.checkpoint_every == 0 and batch < steps:
@@ -301,7 +312,7 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
             # each rank still holds its own: take rank 0's, which the artifact will hold.
             broadcast_buffers_(model, reducer)
             raw = evaluate(model, val_loader, device, "val (raw)", reducer)
-            quantized = evaluate(snapped_copy(model, update), val_loader, device, "val (quantized)", reducer)
+            quantized = evaluate(scheme.quantized_copy(), val_loader, device, "val (quantized)", reducer)
             scheduler.step(quantized["loss"])
             record = {
                 "epoch": epoch,
@@ -309,34 +320,32 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                 "top1_raw": raw["top1"],
                 "top1_quantized": quantized["top1"],
                 "val_loss_quantized": quantized["loss"],
-                "gamma": update.gamma(),
+                "gamma": scheme.gamma(),
                 "lr": engine.optimizer.param_groups[0]["lr"],
             }
             history.append(record)
             tracker.log_epoch(record)
             save(epoch_done=True)
             log.info("epoch %d/%d: train loss %.4f, top-1 quantized %.2f%% / raw %.2f%%, Gamma %.3e, lr %.1e",
-                     epoch, hp.epochs, record["train_loss"], record["top1_quantized"], record["top1_raw"],
+                     epoch, epochs, record["train_loss"], record["top1_quantized"], record["top1_raw"],
                      record["gamma"], record["lr"])
             epoch, batch, loss_sum = epoch + 1, 0, 0.0
 
-    final = snapped_copy(model, update).cpu()
-    assignments = {plan.name: a.psi.cpu() for plan, a in zip(update.plans, update.assignments)}
-    codebooks = {name: c.cpu() for name, c in codebooks_of(update).items()}
-    artifact = build_artifact(final, update.plans, codebooks, assignments,
-                              artifact_info(cfg, update.gamma(), {"method": cfg.method.name}))
+    artifact = scheme.artifact(artifact_info(cfg, scheme.gamma(), {"method": cfg.method.name}))
     last = history[-1] if history else {"top1_quantized": direct["top1"], "top1_raw": baseline["top1"],
-                                        "gamma": update.gamma()}
+                                        "gamma": scheme.gamma()}
     summary = {
         "method": cfg.method.name,
         "baseline_top1": baseline["top1"],
-        "direct_pq_top1": direct["top1"],
+        # the model the training starts from, as scored (direct PQ for G&P PQ)
+        "direct_pq_top1": direct["top1"] if isinstance(scheme, GPScheme) else None,
+        "start_top1": direct["top1"],
         "top1_quantized": last["top1_quantized"],
         "top1_raw": last["top1_raw"],
         "gamma": last["gamma"],
         "size_mb": artifact.accounted_bytes / 2**20,
         "ratio": artifact.info["fp32_bytes"] / artifact.accounted_bytes,
-        "epochs": hp.epochs,
+        "epochs": epochs,
         "steps": global_step,
         "world_size": context.world_size,
         "engine": hp.engine,

@@ -43,7 +43,7 @@ def test_two_stage_pq_keeps_weights_quantized_and_ships_what_it_scored(tmp_path,
     for state in states:
         for plan in plans:
             weight = state["model"][f"{plan.name}.weight"]
-            assert exactly_quantized(weight, state["psi"][plan.name], plan.d), (state["global_step"], plan.name)
+            assert exactly_quantized(weight, state["scheme"]["psi"][plan.name], plan.d), (state["global_step"], plan.name)
     first, last = states[-1]["model"], states[0]["model"]  # oldest kept, newest
     moved = any(not torch.equal(first[f"{p.name}.weight"], last[f"{p.name}.weight"]) for p in plans)
     assert moved

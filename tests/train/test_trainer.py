@@ -116,7 +116,7 @@ def test_resume_after_an_epoch_with_more_epochs(tmp_path, digits_dir):
     newest = folder / "step_00000044.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     state = checkpoint.latest(tmp_path / "runs" / "split")
-    assert state["global_step"] == 22 and set(state["psi"]) and isinstance(state["history"], list)
+    assert state["global_step"] == 22 and set(state["scheme"]["psi"]) and isinstance(state["history"], list)
 
     # a fresh start over existing checkpoints is refused; so is resuming with other settings
     fresh = gppq("train", "--config", split)
