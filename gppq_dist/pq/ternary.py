@@ -126,10 +126,12 @@ def reconstruction_error(weight: torch.Tensor, t: torch.Tensor, alpha: torch.Ten
 
 class InputQuantizer:
     """A forward pre-hook that sparse-quantizes a layer's input (``register_forward_pre_hook``);
-    a plain object, so models holding it deep-copy."""
+    a plain object, so models holding it deep-copy. ``eps`` and ``step`` are kept at fp32,
+    as stored."""
 
     def __init__(self, eps: float, step: float, levels: int) -> None:
-        self.eps, self.step, self.levels = float(eps), float(step), int(levels)
+        eps, step = torch.tensor([eps, step], dtype=torch.float32).tolist()
+        self.eps, self.step, self.levels = eps, step, int(levels)
 
     def __call__(self, _module, args):
         return (sparse_quantize(args[0], self.eps, self.step, self.levels), *args[1:])

@@ -42,9 +42,10 @@ def summary_of(tmp_path, name):
 
 
 def assert_same_model(one_path, two_path):
-    """Codebooks, assignments, unquantized params and folded BN all torch.equal."""
+    """Codebooks, assignments, unquantized params, folded BN (and CLIP-Q's masks, TSQ's input
+    quantizers) all torch.equal."""
     one, two = read_artifact(one_path), read_artifact(two_path)
-    for group in ("codebooks", "assignments", "params", "bn_scale", "bn_shift"):
+    for group in ("codebooks", "assignments", "params", "bn_scale", "bn_shift", "masks", "activations"):
         ours, theirs = getattr(one, group), getattr(two, group)
         assert ours.keys() == theirs.keys()
         for name, tensor in ours.items():
