@@ -4,15 +4,20 @@ The demo's baseline (ResNet-18 trained on scikit-learn's digits, ``configs/demo_
 written and cached as ``make demo`` does) is compressed by every method at two size points:
 
 - ``small``: the ResNet-18 small-block size (PQ d = 9 / 4, K = 256: 1.357 MB, 31x here);
-- ``large``: the harder large-block size (3x3 convs d = 18: 0.845 MB, 50x here).
+- ``large``: the harder large-block size (3x3 convs d = 18: 0.845 MB, 50x here);
+- ``2bit``: TSQ's own size, ternary weights at 2 bits each (2.74 MB, 15.5x here), with the
+  PQ methods at d = 4, K = 256 (also 2 bits per weight) beside it.
 
 Each method gets the settings of its own kind that come closest to the point (the accounted
 size is in the table, so any mismatch shows): PQ-based methods (G&P PQ, two-stage PQ, direct
 PQ) the regime itself; scalar k-means 1 bit per weight (K = 2, its smallest: it has no
 ``large`` point); sub-space PQ d = 18 with K = 16 / 8 per sub-space; residual PQ two stages
-of K = 16 (d = 9) / K = 32 (d = 18). The methods that train (G&P PQ, two-stage PQ) run the
-demo's schedule (12 epochs, lr 0.01, momentum 0.9; G&P PQ's mu = 0.5) on ``--nproc``
-processes; seeds vary the k-means seeding and the data order, the baseline is the same.
+of K = 16 (d = 9) / K = 32 (d = 18); CLIP-Q prunes 85% and codes the rest with 2 bits
+(small) or prunes 90.5% with 1 bit (large); TSQ (2-bit inputs, half of them zero) exists
+at ``2bit`` only. The methods that train (G&P PQ, two-stage PQ, CLIP-Q, TSQ) run the demo's
+schedule, 12 epochs in all (lr 0.01, momentum 0.9; G&P PQ's mu = 0.5; TSQ: 4 epochs of
+step 1, then 8 of finetuning, each starting at lr 0.01) on ``--nproc`` processes; seeds
+vary the k-means seeding and the data order, the baseline is the same.
 
 Every run is a real ``gppq train`` (its own run folder under ``--out``, tracked into the
 MLflow store ``--out``/mlflow.db, experiment ``compare_methods``); finished runs are reused
@@ -52,7 +57,8 @@ def types(d3: int, k3: int, d1: int, k1: int, dl: int, kl: int) -> dict:
     return {"conv3x3": {"d": d3, "k": k3}, "conv1x1": {"d": d1, "k": k1}, "linear": {"d": dl, "k": kl}}
 
 
-PQ = {"small": types(9, 256, 4, 256, 4, 2048), "large": types(18, 256, 4, 256, 4, 2048)}
+PQ = {"small": types(9, 256, 4, 256, 4, 2048), "large": types(18, 256, 4, 256, 4, 2048),
+      "2bit": types(4, 256, 4, 256, 4, 256)}
 # method -> point -> (method section, quantization.types); a point a method cannot reach is absent
 SETTINGS: dict[str, dict[str, tuple[dict, dict]]] = {
     "gppq": {point: ({"name": "gppq"}, rules) for point, rules in PQ.items()},
@@ -63,8 +69,15 @@ SETTINGS: dict[str, dict[str, tuple[dict, dict]]] = {
                     "large": ({"name": "pq_subspace"}, types(18, 8, 4, 8, 4, 8))},
     "residual_pq": {"small": ({"name": "residual_pq", "stages": 2}, types(9, 16, 4, 16, 4, 16)),
                     "large": ({"name": "residual_pq", "stages": 2}, types(18, 32, 4, 32, 4, 32))},
+    # CLIP-Q and TSQ code single weights: the rules only pick the layers
+    "clipq": {"small": ({"name": "clipq", "prune": 0.85, "bits": 2}, PQ["small"]),
+              "large": ({"name": "clipq", "prune": 0.905, "bits": 1}, PQ["small"])},
+    "tsq": {"2bit": ({"name": "tsq", "code_epochs": 4}, PQ["small"])},
 }
-TRAINED = ("gppq", "two_stage_pq")
+TRAINED = ("gppq", "two_stage_pq", "clipq", "tsq")
+POINTS = ("small", "large", "2bit")
+# settings besides the method section and the rules
+EXTRA = {"tsq": {"train.epochs": 8}}
 
 
 def run_one(base: Path, out: Path, weights: str, method: str, point: str, seed: int, nproc: int,
@@ -78,7 +91,7 @@ def run_one(base: Path, out: Path, weights: str, method: str, point: str, seed: 
     section, rules = SETTINGS[method][point]
     sets = {
         "name": name, "output_dir": str(out), "model.weights": weights, "seed": seed, "kmeans.seed": seed,
-        "method": section, "quantization.types": rules,
+        "method": section, "quantization.types": rules, **EXTRA.get(method, {}),
         "tracking.uri": f"sqlite:///{(out / 'mlflow.db').resolve()}", "tracking.experiment": "compare_methods",
     }
     command = [GPPQ, "train", "--config", str(base)]
@@ -98,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo_digits.yaml"))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--points", nargs="+", default=["small", "large"], choices=["small", "large"])
+    parser.add_argument("--points", nargs="+", default=list(POINTS), choices=POINTS)
     parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--nproc", type=int, default=2, help="processes for the methods that train")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
@@ -133,7 +146,7 @@ def main() -> None:
         "| method | point | accounted MB | ratio | top-1 % (mean +- std) | wall s |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for row in sorted(rows, key=lambda r: (r["point"] != "small", -r["top1_mean"])):
+    for row in sorted(rows, key=lambda r: (POINTS.index(r["point"]), -r["top1_mean"])):
         lines.append(f"| {row['method']} | {row['point']} | {row['size_mb']:.3f} | {row['ratio']:.1f}x | "
                      f"{row['top1_mean']:.2f} +- {row['top1_std']:.2f} | {row['wall_s']:.0f} |")
     lines.append("")

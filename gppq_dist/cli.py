@@ -71,16 +71,19 @@ def size(
         _print_json({"arch": cfg.model.arch, "num_classes": cfg.model.num_classes, **report.to_dict()})
         return
     table = Table(title=f"{cfg.model.arch} ({cfg.name}, {cfg.method.name}): accounted size")
-    for column in ("layer", "shape", "d", "K", "subvectors", "index bits", "index B", "codebook B"):
+    # CLIP-Q's sparsity pattern (estimated before training), TSQ's input quantizers
+    side = any(cost.pattern_bytes or cost.activation_bytes for cost in report.layers)
+    columns = ["layer", "shape", "d", "K", "subvectors", "indices", "index bits", "index B", "codebook B"]
+    for column in columns + (["pattern/quantizer B"] if side else []):
         table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
     for cost in report.layers:
         plan = cost.plan
-        table.add_row(plan.name, "x".join(map(str, plan.shape)), str(plan.d), str(plan.k),
-                      f"{plan.n_subvectors:,}", str(plan.index_bits), f"{cost.index_bytes:,.0f}",
-                      f"{cost.codebook_bytes:,}")
+        row = [plan.name, "x".join(map(str, plan.shape)), str(plan.d), str(plan.k), f"{plan.n_subvectors:,}",
+               f"{plan.n_indices:,}", str(plan.index_bits), f"{cost.index_bytes:,.0f}", f"{cost.codebook_bytes:,}"]
+        table.add_row(*row, *([f"{cost.pattern_bytes + cost.activation_bytes:,.0f}"] if side else []))
     stdout.print(table)
     stdout.print(
-        f"quantized layers: {len(report.layers)}   indices+codebooks: {report.quantized_bytes:,.0f} B   "
+        f"quantized layers: {len(report.layers)}   coded: {report.quantized_bytes:,.0f} B   "
         f"unquantized fp32: {report.unquantized_bytes:,} B ({report.unquantized_params:,} params)"
     )
     stdout.print(

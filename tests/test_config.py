@@ -116,3 +116,17 @@ def test_cli_reports_bad_data_folder(tmp_path):
 def test_run_config_has_a_run_dir(tmp_path):
     cfg = load_config(write_config(tmp_path))
     assert isinstance(cfg, RunConfig) and cfg.run_dir == Path(tmp_path / "runs" / "tiny")
+
+
+def test_clipq_and_tsq_settings_are_checked_by_key(tmp_path):
+    path = write_config(tmp_path, method={"name": "clipq", "layers": {"layer4\\..*": {"prune": 0.9, "bits": 1}}})
+    cfg = load_config(path)
+    assert cfg.method.setting("layer4.0.conv1") == (0.9, 1) and cfg.method.setting("layer1.0.conv1") == (0.8, 2)
+    with pytest.raises(ConfigError, match=r"method.prune: .*less than 1.*\(got 1.0\)"):
+        load_config(path, {"method.prune": 1.0})
+    bad = write_config(tmp_path, name="bad", method={"name": "clipq", "layers": {"layer(": {"prune": 0.5, "bits": 2}}})
+    with pytest.raises(ConfigError, match=r"method.layers: 'layer\(' is not a valid regular expression"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"unknown key 'method.stages'; expected one of: .*code_epochs"):
+        load_config(path, {"method": "tsq", "method.stages": 2})
+    assert load_config(path, {"method": "tsq"}).method.code_epochs == 1

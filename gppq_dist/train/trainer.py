@@ -1,4 +1,5 @@
-"""G&P PQ training: k-means once, then the eq. 6 update every step, data parallel.
+"""Training, data parallel: G&P PQ (k-means once, then the eq. 6 update every step) and
+the other methods that train.
 
 One process, or under torchrun (``torchrun --nproc_per_node=N -m gppq_dist.train --config
 CFG``): the initial k-means is sharded over the ranks, quantized weights are synchronised
@@ -11,7 +12,10 @@ codebook as stored) and without, and logs Gamma. The final model is the snapped 
 
 Two-stage PQ (``method: two_stage_pq``) trains here too: its stage 1
 (:mod:`gppq_dist.methods.two_stage`) replaces the initial k-means and snaps the weights,
-and its codeword finetune is this loop with mu = 0 (``train.mu`` is not used).
+and its codeword finetune is this loop with mu = 0 (``train.mu`` is not used). CLIP-Q and
+TSQ train here straight-through (:mod:`gppq_dist.train.schemes`): what the loop quantizes,
+scores and ships is the run's scheme's business, the loop, checkpoints and reports are
+shared.
 
 Checkpoints (rank 0, atomic) every ``train.checkpoint_every`` steps and after every epoch
 hold everything a bit-identical continuation needs, down to each rank's position in the
