@@ -53,12 +53,20 @@ def keep_mask(weight: torch.Tensor, prune: float) -> torch.Tensor:
     keep = n_kept(n, prune)
     if keep == n:
         return torch.ones(n, dtype=torch.bool, device=weight.device)
-    threshold = magnitude.kthvalue(n - keep).values
+    threshold = _kth_smallest(magnitude, n - keep)
     mask = magnitude > threshold
     if int(mask.sum()) != keep:  # ties at the threshold
         mask = torch.zeros(n, dtype=torch.bool, device=weight.device)
         mask[magnitude.topk(keep, sorted=False).indices] = True
     return mask
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based); numpy's introselect on the CPU, about 15x faster
+    there than ``torch.kthvalue`` on a layer's weights."""
+    if values.device.type == "cpu":
+        return torch.tensor(np.partition(values.contiguous().numpy(), k - 1)[k - 1], dtype=values.dtype)
+    return values.kthvalue(k).values
 
 
 def linear_levels(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

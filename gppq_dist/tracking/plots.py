@@ -29,14 +29,16 @@ def _save(figure, path: Path) -> Path:
 
 
 def dynamics_png(history: Sequence[dict[str, Any]], baseline_top1: float, direct_pq_top1: float,
-                 path: str | Path) -> Path:
+                 path: str | Path, method: str = "G&P PQ") -> Path:
     """:func:`dynamics_figure` as a PNG file."""
-    return _save(dynamics_figure(history, baseline_top1, direct_pq_top1), Path(path))
+    return _save(dynamics_figure(history, baseline_top1, direct_pq_top1, method), Path(path))
 
 
-def dynamics_figure(history: Sequence[dict[str, Any]], baseline_top1: float, direct_pq_top1: float):
-    """Top-1 with and without quantization per epoch (epoch 0: the baseline and direct PQ),
-    and Gamma per epoch on a log axis below: the paper's Figure 2 for one run."""
+def dynamics_figure(history: Sequence[dict[str, Any]], baseline_top1: float, direct_pq_top1: float,
+                    method: str = "G&P PQ"):
+    """Top-1 with and without quantization per epoch (epoch 0: the baseline and the model
+    the training starts from, direct PQ for G&P PQ), and Gamma per epoch on a log axis
+    below: the paper's Figure 2 for one run."""
     epochs = [0] + [int(record["epoch"]) for record in history]
     figure, (accuracy, gamma) = _figure(6.4, 6.0, rows=2)
     accuracy.plot(epochs, [direct_pq_top1] + [r["top1_quantized"] for r in history], "o-",
@@ -44,7 +46,7 @@ def dynamics_figure(history: Sequence[dict[str, Any]], baseline_top1: float, dir
     accuracy.plot(epochs, [baseline_top1] + [r["top1_raw"] for r in history], "s--",
                   label="without quantization (raw weights)")
     accuracy.set_ylabel("val top-1 (%)")
-    accuracy.set_title("G&P PQ training dynamics")
+    accuracy.set_title(f"{method} training dynamics")
     accuracy.grid(True, alpha=0.3)
     accuracy.legend(loc="best")
     points = [(int(r["epoch"]), r["gamma"]) for r in history if r["gamma"] > 0]

@@ -62,7 +62,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 DYNAMICS_PNG = "dynamics.png"
 ARTIFACTS = ("config.yaml", "gppq.gppq", "summary.json", DYNAMICS_PNG)
 EPOCH_METRICS = ("top1_quantized", "top1_raw", "gamma", "train_loss", "val_loss_quantized", "lr")
-FINAL_METRICS = ("size_mb", "ratio", "file_bytes", "baseline_top1", "direct_pq_top1")
+FINAL_METRICS = ("size_mb", "ratio", "file_bytes", "baseline_top1", "direct_pq_top1", "start_top1")
 # MLflow's limits (mlflow.utils.validation): key length, param value length
 MAX_KEY_LENGTH = 250
 MAX_PARAM_LENGTH = 6000
@@ -372,8 +372,9 @@ class Tracker(NullTracker):
         from gppq_dist.tracking.plots import dynamics_png
 
         try:
-            dynamics_png(summary["history"], summary["baseline_top1"], summary["direct_pq_top1"],
-                         self.run_dir / DYNAMICS_PNG)
+            start = summary.get("start_top1", summary["direct_pq_top1"])
+            dynamics_png(summary["history"], summary["baseline_top1"], start, self.run_dir / DYNAMICS_PNG,
+                         method=summary.get("method", "gppq"))
         except Exception as exc:  # noqa: BLE001 - a plot is not worth the run
             log.warning("could not draw %s: %s", self.run_dir / DYNAMICS_PNG, exc)
         self.log_metrics({key: summary[key] for key in FINAL_METRICS if summary.get(key) is not None},
