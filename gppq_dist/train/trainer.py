@@ -211,7 +211,9 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         baseline, direct = resumed["baseline"], resumed["direct"]
-        scheme = make_scheme(cfg, model, plans, context, reducer, resumed["scheme"])
+        # checkpoints from before schemes hold G&P's psi at the top level
+        state = resumed["scheme"] if "scheme" in resumed else {"psi": resumed["psi"]}
+        scheme = make_scheme(cfg, model, plans, context, reducer, state)
     else:
         baseline = evaluate(model, val_loader, device, "baseline val", reducer)
         scheme = make_scheme(cfg, model, plans, context, reducer, None)
@@ -299,7 +301,7 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                         f"the training loss is not finite ({loss.item()} on rank {context.rank}) at step "
                         f"{global_step} (epoch {epoch}, batch {batch}/{steps}); the run stopped before "
                         f"applying that step and {kept}. Lower train.lr (now {engine.optimizer.param_groups[0]['lr']:g})"
-                        f" or train.mu (now {hp.mu:g}) if it recurs"
+                        + (f" or train.mu (now {hp.mu:g})" if cfg.method.name == "gppq" else "") + " if it recurs"
                     )
                 loss_sum += mean
                 done_here += 1

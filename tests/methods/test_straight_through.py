@@ -131,3 +131,15 @@ def test_tsq_on_deepspeed_zero1_equals_ddp(tsq_straight, tmp_path, digits_dir):
     assert ours["engine"] == "deepspeed"
     assert ours["history"] == ddp["history"]
     assert_same_model(straight / "runs" / "tsq" / "gppq.gppq", tmp_path / "runs" / "tsq" / "gppq.gppq")
+
+
+@pytest.mark.distributed
+def test_tsq_on_two_ranks_shares_its_quantizers_and_ships_what_it_scored(tmp_path, digits_dir):
+    """The input quantizers are averaged over the ranks and step 2's moments summed, so every
+    rank scores its shard of val with the model rank 0 ships."""
+    path = config(tmp_path, digits_dir, "tsq2", TSQ, checkpoint_every=0)
+    gppq("train", "--config", path, "--nproc", "2", check=True)
+    summary = summary_of(tmp_path, "tsq2")
+    assert summary["world_size"] == 2 and summary["steps"] == 44
+    _, artifact = ships_what_it_scored(path, summary)
+    assert {plan.codec for plan in artifact.layers} == {"ternary"} and len(artifact.activations) == 20
