@@ -58,7 +58,8 @@ class TSQScheme(SwapScheme):
         self.alpha: list[torch.Tensor] | None = None
         if state is not None:
             self.quantizers = [InputQuantizer.from_tensor(row) for row in state["quantizers"]]
-            self._install_all()
+            for module, quantizer in zip(self.modules, self.quantizers):
+                module.register_forward_pre_hook(quantizer)  # for the whole run
             if state["ternary"]:
                 self.alpha = [state["alpha"][plan.name].to(w.device) for plan, w in zip(plans, self.weights)]
         else:
@@ -66,9 +67,6 @@ class TSQScheme(SwapScheme):
             self._fit_quantizers()
 
     # -- step 1 -----------------------------------------------------------------------------
-    def _install_all(self) -> None:
-        self.handles = [m.register_forward_pre_hook(q) for m, q in zip(self.modules, self.quantizers)]
-
     @torch.no_grad()
     def _fit_quantizers(self) -> None:
         start = time.perf_counter()
@@ -77,7 +75,6 @@ class TSQScheme(SwapScheme):
         was_training = self.model.training
         self.model.eval()
         levels = (1 << self.method.activation_bits) - 1
-        self.handles = []
         for module in self.modules:
             samples: list[torch.Tensor] = []
 
@@ -96,7 +93,7 @@ class TSQScheme(SwapScheme):
                 values /= self.reducer.world_size
             quantizer = InputQuantizer(float(values[0]), float(values[1]), levels)
             self.quantizers.append(quantizer)
-            self.handles.append(module.register_forward_pre_hook(quantizer))
+            module.register_forward_pre_hook(quantizer)  # the next layers are fitted behind it
         self.model.train(was_training)
         log.info("TSQ: input quantizers of %d layers (%d bits, sparsity %.2f) fitted on %d batches per rank: %.1f s",
                  len(self.modules), self.method.activation_bits, self.method.activation_sparsity, len(batches),

@@ -224,8 +224,11 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
     epochs = hp.epochs + scheme.extra_epochs
 
     engine = make_engine(cfg, model, update, context)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
-                                                           patience=hp.plateau_patience)
+    def plateau_schedule() -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
+                                                          patience=hp.plateau_patience)
+
+    scheduler = plateau_schedule()
     steps = len(train_loader)
     history: list[dict[str, Any]] = []
     epoch, batch, loss_sum, positions = 1, 0, 0.0, None
@@ -276,8 +279,7 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                 engine.restart()
                 for group in engine.optimizer.param_groups:
                     group["lr"] = hp.lr
-                scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
-                                                                       patience=hp.plateau_patience)
+                scheduler = plateau_schedule()
                 gamma = scheme.gamma()
             state = positions[context.rank] if positions else ""
             train_loader.set_epoch(epoch - 1, start_step=batch, state=state)
