@@ -31,7 +31,7 @@ def worker(config: str, iterations: int) -> None:
     from gppq_dist.config import load_config
     from gppq_dist.distributed import init_distributed, shutdown
 
-    cfg = load_config(config, {"kmeans.iterations": iterations})
+    cfg = load_config(config, {"kmeans.iterations": iterations, "model.weights": "random"})
     context = init_distributed(device="cpu")
     model = load_model(cfg)  # seeded random weights, identical on every rank
     if context.distributed:

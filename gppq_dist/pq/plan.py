@@ -3,7 +3,12 @@
 Rules are resolved per layer as: name (regex, full match, first wins), then layer kind
 (``conv{kh}x{kw}`` or ``linear``), then the default; a rule of ``None`` leaves the layer
 alone. The first conv (the stem) is skipped when ``skip_first_conv`` is set; biases and
-BatchNorm are never quantized. The effective K is clamped to the largest power of two
+BatchNorm are never quantized. Grouped and depthwise convs are cut by their stored weight
+shape (``Cout x Cin/groups x kh x kw``, rows of ``Cin/groups*kh*kw``); attention blocks
+are planned through their Linear layers (``linear``), while parameters that belong to no
+conv or Linear (``nn.MultiheadAttention.in_proj_weight``, position embeddings, class
+tokens) stay fp32 like the rest of the unquantized parameters. Planning reads shapes only,
+so it works on models built on the meta device. The effective K is clamped to the largest power of two
 strictly below ``n_subvectors / 4`` (DESIGN §2).
 
 ``codec`` says how a layer's subvectors are coded (:mod:`gppq_dist.pq.variants`):
@@ -176,10 +181,12 @@ def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int =
         length = row_length(shape)
         if length % rule.d:
             divisors = [n for n in range(1, min(length, 64) + 1) if length % n == 0]
+            pattern = name.replace(".", "\\.")  # a names rule that matches this layer alone
             raise ConfigError(
                 f"{key}.d = {rule.d} does not divide the row length {length} of layer '{name}' "
                 f"(weight {'x'.join(map(str, shape))}); expected a divisor such as "
-                f"{', '.join(map(str, divisors))}"
+                f"{', '.join(map(str, divisors))}, or leave the layer alone with "
+                f"quantization.names: {{'{pattern}': null}}"
             )
         # a sub-space codebook is fitted on one subvector per row
         fitted_on = shape[0] if codec == "pq_subspace" else math.prod(shape) // rule.d
