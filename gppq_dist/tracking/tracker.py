@@ -16,7 +16,26 @@ Design:
   :func:`mlflow_calls`, which sets 1 retry, backoff factor 1 and a 10 s timeout unless the
   environment sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` /
   ``_TIMEOUT`` itself. A refused connection then costs well under a second, a server that
-  accepts but never answers about 20 s, once.
+  accepts but never answers about 20 s, once, and after the start only the sender thread
+  waits for it.
+* **MLflow is never on the step path.** The journal line is written on the caller's
+  thread; the MLflow send is handed to one sender thread (a daemon, one per tracker) through
+  a bounded queue, and the call returns. The sender takes everything queued at once and joins
+  consecutive metric records into ``log_batch`` requests (up to MLflow's 1,000 metrics per
+  request), so a slow server receives fewer, larger requests instead of falling behind. When
+  the queue already holds :data:`QUEUE_LIMIT` sends, a new one is dropped, never waited for:
+  the journal has the record, and at the end the sender uploads what it dropped from the
+  journal (:func:`gppq_dist.tracking.sync.push`, the same difference ``gppq mlflow sync``
+  sends). :meth:`Tracker.end` (and :meth:`Tracker.finish`, which ends) waits for the sender
+  to empty the queue and close the run for at most :data:`DRAIN_TIMEOUT_S`; a server slower
+  than that gets one warning, the sender stops after the request it is in, and ``gppq mlflow
+  sync`` uploads the rest. MLflow's own asynchronous logging (``log_batch(...,
+  synchronous=False)``) was not used: its queue has no bound, it carries metrics, params and
+  tags only (no artifacts, no run end), it sends each batch from a pool of up to 10 threads,
+  it logs every failed batch as an error instead of letting the tracker go offline after
+  the first, and waiting for it (``RunOperations.wait``, ``flush``) has no time limit. The
+  one exchange left on the caller's thread is the start (create or reopen the run, params and
+  tags), so that :attr:`Tracker.run_id` is known once the tracker exists.
 * **A resumed run continues its MLflow run.** The run id is kept in
   ``<run dir>/mlflow_run_id`` (written atomically); on resume the tracker reopens that run
   (or creates it where the store never had it), first uploads whatever the journal holds
@@ -46,7 +65,9 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -71,6 +92,12 @@ HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+# the sender thread cannot redirect stdout (that is the whole process's); MLflow's "View run"
+# lines (and the extra get_run request that finds the link) are switched off for it instead
+SENDER_ENV = {**HTTP_LIMITS, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+QUEUE_LIMIT = 1000  # MLflow sends waiting for the sender thread; one more is dropped (the journal keeps it)
+DRAIN_TIMEOUT_S = 30.0  # how long end() waits for the sender to empty the queue and close the run
+MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request (mlflow.utils.validation)
 QUIET_LOGGERS = {"urllib3": logging.ERROR, "mlflow": logging.WARNING, "alembic": logging.WARNING}
 _VALID_NAME = re.compile(r"[/\w.\- :]+")  # what MLflow accepts as a param or metric name
 
@@ -85,18 +112,18 @@ def now_ms() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_calls() -> Iterator[None]:
-    """MLflow calls that give up quickly: few retries, short timeouts, no chatter.
+def mlflow_limits(env: dict[str, str] = HTTP_LIMITS) -> Iterator[None]:
+    """Short HTTP limits and quiet loggers for the MLflow calls made inside the block.
 
-    Values the environment already sets are kept. Inside this block urllib3 (which logs
-    each retry as a warning) speaks only of errors, and MLflow and alembic (database
-    set-up, at INFO) only of warnings: what goes wrong reaches the tracker as an exception.
-    What MLflow prints (links to the run) goes to stderr, leaving stdout to the command.
+    Each variable of ``env`` the environment does not set already is set for the block; inside
+    it urllib3 (which logs each retry as a warning) speaks only of errors, and MLflow and
+    alembic (database set-up, at INFO) only of warnings: what goes wrong reaches the caller
+    as an exception. Both are the process's, so every thread's calls see them.
     """
     importlib.import_module("mlflow")  # it sets its loggers up on import: before we lower them
 
-    saved = {name: os.environ.get(name) for name in HTTP_LIMITS}
-    for name, value in HTTP_LIMITS.items():
+    saved = {name: os.environ.get(name) for name in env}
+    for name, value in env.items():
         os.environ.setdefault(name, value)
     levels = {}
     for name, level in QUIET_LOGGERS.items():
@@ -104,8 +131,7 @@ def mlflow_calls() -> Iterator[None]:
         levels[name] = logger.level
         logger.setLevel(max(level, logger.level))
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # "View run ... at: URL": stdout is the command's
-            yield
+        yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
@@ -114,6 +140,44 @@ def mlflow_calls() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def mlflow_calls() -> Iterator[None]:
+    """MLflow calls that give up quickly: few retries, short timeouts, no chatter.
+
+    :func:`mlflow_limits`, and what MLflow prints (links to the run) goes to stderr, leaving
+    stdout to the command.
+    """
+    with mlflow_limits(), contextlib.redirect_stdout(sys.stderr):  # "View run ... at: URL"
+        yield
+
+
+class _SenderLimits:
+    """:func:`mlflow_limits` (with :data:`SENDER_ENV`) from the first running sender thread's
+    start to the last one's end. Counted, so trackers whose lives overlap restore the
+    environment and the log levels once, as they found them."""
+
+    _lock = threading.Lock()
+    _holders = 0
+    _held: contextlib.ExitStack | None = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            if cls._holders == 0:
+                stack = contextlib.ExitStack()
+                stack.enter_context(mlflow_limits(SENDER_ENV))
+                cls._held = stack
+            cls._holders += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0 and cls._held is not None:
+                cls._held.close()
+                cls._held = None
 
 
 def client_for(uri: str):
@@ -217,6 +281,65 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+class Outbox:
+    """The bounded queue between the caller's thread and the sender thread.
+
+    :meth:`put` never waits: with ``limit`` sends already waiting it drops the new one and
+    counts its records in :attr:`dropped`. :meth:`close` queues the last send (the run's
+    end) whatever the count, and nothing is queued after it. :meth:`take` waits for at least
+    one send and returns all that are queued, oldest first.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"queue limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.dropped = 0  # records (metric values, files) the queue had no room for
+        self._items: deque = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def put(self, item: tuple, records: int) -> bool:
+        with self._ready:
+            if self._closed or len(self._items) >= self.limit:
+                self.dropped += records
+                return False
+            self._items.append(item)
+            self._ready.notify()
+            return True
+
+    def close(self, item: tuple) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._closed = True
+            self._ready.notify()
+
+    def take(self) -> list[tuple]:
+        with self._ready:
+            self._ready.wait_for(lambda: self._items)
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+
+def coalesce(items: list[tuple], max_metrics: int = MAX_BATCH_METRICS) -> list[tuple]:
+    """Join consecutive ``("metrics", [...])`` sends into sends of at most ``max_metrics``
+    values; other sends (files, the end) keep their place."""
+    out: list[tuple] = []
+    for item in items:
+        if item[0] != "metrics":
+            out.append(item)
+            continue
+        values = list(item[1])
+        while values:
+            if not (out and out[-1][0] == "metrics" and len(out[-1][1]) < max_metrics):
+                out.append(("metrics", []))
+            room = max_metrics - len(out[-1][1])
+            out[-1][1].extend(values[:room])
+            values = values[room:]
+    return out
+
+
 class NullTracker:
     """What ranks other than 0 (and runs with ``tracking.enabled: false``) track: nothing."""
 
@@ -252,11 +375,14 @@ class Tracker(NullTracker):
     """Journal + MLflow for one training run (see the module docstring).
 
     Used as a context manager, a run that raises ends as FAILED (KILLED on Ctrl-C).
+    ``queue_limit`` and ``drain_timeout_s`` bound the sender's queue and :meth:`end`'s wait
+    (defaults :data:`QUEUE_LIMIT`, :data:`DRAIN_TIMEOUT_S`).
     """
 
     def __init__(self, cfg: RunConfig, *, world_size: int = 1, resumed: bool = False,
                  run_dir: str | Path | None = None, method: str | None = None,
-                 workdir: str | Path | None = None) -> None:
+                 workdir: str | Path | None = None, queue_limit: int = QUEUE_LIMIT,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir)
         self.journal_path = self.run_dir / JOURNAL
         self.uri = resolve_uri(cfg.tracking.uri)
@@ -264,7 +390,12 @@ class Tracker(NullTracker):
         self.client = None
         self.run_id = None
         self.ended = False
+        self.drain_timeout_s = drain_timeout_s
         self._warned = False
+        self._warn_lock = threading.Lock()
+        self._outbox = Outbox(queue_limit)
+        self._sender: threading.Thread | None = None
+        self._abandoned = threading.Event()  # end() stopped waiting: the sender sends nothing more
         earlier = read_journal(self.journal_path) if resumed else []
         if not resumed:  # a fresh start never uploads into an earlier run
             (self.run_dir / RUN_ID_FILE).unlink(missing_ok=True)
@@ -298,6 +429,7 @@ class Tracker(NullTracker):
     # --- MLflow -----------------------------------------------------------------------
 
     def _connect(self, records: list[dict[str, Any]], reuse_run: bool) -> None:
+        """The start, on the caller's thread: create or reopen the run, then start the sender."""
         from gppq_dist.tracking.sync import push
 
         try:
@@ -310,33 +442,80 @@ class Tracker(NullTracker):
         self.client, self.run_id = client, pushed.run_id
         log.info("tracking: %s MLflow run %s (experiment %r at %s)", "new" if pushed.created else "continuing",
                  pushed.run_id, self.experiment, self.uri)
+        _SenderLimits.acquire()
+        self._sender = threading.Thread(target=self._send_loop, name=f"gppq-tracking-{self.run_id}", daemon=True)
+        self._sender.start()
 
-    def _send(self, call) -> None:
-        if self.client is None:
-            return
+    def _send_loop(self) -> None:
+        """The sender thread: everything queued, joined into batches, in order, until the end."""
         try:
-            with mlflow_calls():
-                call(self.client)
+            while True:
+                for item in coalesce(self._outbox.take()):
+                    if self._abandoned.is_set() or self.client is None:
+                        return
+                    if not self._send(item) or item[0] == "end":
+                        return
+        finally:
+            _SenderLimits.release()
+
+    def _send(self, item: tuple) -> bool:
+        """One send to MLflow; False (and offline) when it fails."""
+        client = self.client
+        if client is None:
+            return False
+        kind = item[0]
+        try:
+            if kind == "metrics":
+                from mlflow.entities import Metric
+
+                client.log_batch(self.run_id, metrics=[Metric(*values) for values in item[1]])
+            elif kind == "artifact":
+                client.log_artifact(self.run_id, item[1])
+            elif self._outbox.dropped:  # the end, with records the queue had no room for
+                from gppq_dist.tracking.sync import push
+
+                pushed = push(client, self.run_dir, read_journal(self.journal_path), reuse_run=True)
+                log.info("tracking: %d records the queue had no room for were uploaded from %s (%s)",
+                         self._outbox.dropped, self.journal_path, pushed.describe())
+            else:  # the end
+                _, status, end_time = item
+                client.set_terminated(self.run_id, status, end_time)
         except Exception as exc:  # noqa: BLE001
             self._offline(exc)
+            return False
+        return True
 
     def _offline(self, exc: BaseException) -> None:
         self.client = None
-        if not self._warned:
+        self._warn_once(f"MLflow tracking at {self.uri} failed ({describe_failure(exc)}): training goes on")
+
+    def _warn_once(self, what: str) -> None:
+        with self._warn_lock:
+            if self._warned:
+                return
             self._warned = True
-            log.warning("MLflow tracking at %s failed (%s): training goes on, records are kept in %s "
-                        "(upload them with: gppq mlflow sync %s)", self.uri, describe_failure(exc),
-                        self.journal_path, self.run_dir)
+        log.warning("%s, records are kept in %s (upload them with: gppq mlflow sync %s)", what,
+                    self.journal_path, self.run_dir)
 
     @property
     def online(self) -> bool:
         return self.client is not None
 
+    @property
+    def dropped(self) -> int:
+        """Records (metric values, files) not sent during the run because the queue was full."""
+        return self._outbox.dropped
+
+    def _queue(self, item: tuple, records: int) -> None:
+        if self.client is not None:
+            self._outbox.put(item, records)
+
     # --- records ----------------------------------------------------------------------
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Journal and send ``metrics`` at ``step``; steps a resumed run already logged are skipped."""
-        from_mlflow = []
+        """Journal ``metrics`` at ``step`` and queue them for MLflow; steps a resumed run
+        already logged are skipped."""
+        to_send = []
         timestamp = now_ms()
         for key, value in metrics.items():
             if step <= self._last_step.get(key, -1):
@@ -345,12 +524,9 @@ class Tracker(NullTracker):
             self._last_step[key] = step
             self.journal.append({"kind": "metric", "key": key, "value": value, "step": step,
                                  "timestamp": timestamp})
-            from_mlflow.append((key, value))
-        if from_mlflow and self.client is not None:
-            from mlflow.entities import Metric
-
-            batch = [Metric(key, value, timestamp, step) for key, value in from_mlflow]
-            self._send(lambda client: client.log_batch(self.run_id, metrics=batch))
+            to_send.append((key, value, timestamp, step))
+        if to_send:
+            self._queue(("metrics", to_send), len(to_send))
 
     def log_step(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
         self.log_metrics({"loss": loss, "step_lr": lr, "images_per_s": images_per_s}, step)
@@ -365,7 +541,7 @@ class Tracker(NullTracker):
         except ValueError:
             name = str(path.resolve())
         self.journal.append({"kind": "artifact", "path": name, "time": now_ms()})
-        self._send(lambda client: client.log_artifact(self.run_id, str(path)))
+        self._queue(("artifact", str(path)), 1)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """The training-dynamics plot, the final metrics and the run's files; then FINISHED."""
@@ -385,13 +561,30 @@ class Tracker(NullTracker):
         self.end("FINISHED")
 
     def end(self, status: str = "FINISHED") -> None:
+        """Journal the end, then wait (at most ``drain_timeout_s``) for the sender to send what
+        is queued and close the MLflow run."""
         if self.ended:
             return
         self.ended = True
         end_time = now_ms()
         self.journal.append({"kind": "end", "status": status, "time": end_time})
-        self._send(lambda client: client.set_terminated(self.run_id, status, end_time))
-        self.journal.close()
+        try:
+            if self._sender is not None:
+                self._outbox.close(("end", status, end_time))
+                self._sender.join(self.drain_timeout_s)
+                if self._sender.is_alive():
+                    self._abandon(f"did not take the run's last records within {self.drain_timeout_s:g} s")
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting: stop waiting
+            self._abandon("was still sending when the run was interrupted")
+            raise
+        finally:
+            self.journal.close()
+
+    def _abandon(self, why: str) -> None:
+        """Stop waiting for the sender: it finishes the request it is in and sends nothing more."""
+        self._abandoned.set()
+        self.client = None
+        self._warn_once(f"MLflow tracking at {self.uri} {why}")
 
 
 def open_tracker(cfg: RunConfig, context: DistContext, resumed: bool) -> NullTracker:
