@@ -26,6 +26,13 @@ The report is cached as JSON under a key that covers every examined file (relati
 size, mtime in ns), the class folders and the file lists, so a second check of an
 unchanged folder decodes nothing; touching, replacing, adding or removing a file changes
 the key.
+
+The scan that finds the files to decode (and the cache key) is the one walk of the tree a
+check makes, cached or not: :func:`check_and_index` returns the split indexes that walk
+found along with the report (the samples :func:`~gppq_dist.data.layout.index_split` would
+list, in its order and spelling), and the modification time of every folder it listed,
+taken just before listing it, for :mod:`gppq_dist.data.manifest` to tell later whether
+anything was added, removed or renamed since. :func:`tree_walks` counts the walks.
 """
 
 from __future__ import annotations
@@ -48,12 +55,16 @@ from typing import Any, Iterator
 import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from gppq_dist.data.layout import class_folders, is_image_name, read_file_list, split_dir
+from gppq_dist.data.layout import (class_folders, count_tree_walk, entries_under, is_image_name, read_file_list,
+                                   relative_to_root, split_dir, tree_walks)
 from gppq_dist.errors import DataError
 from gppq_dist.io import write_text_atomic
 from gppq_dist.progress import progress_bar
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["CheckReport", "CheckedData", "Problem", "check_and_index", "check_data", "check_folder",
+           "default_cache_dir", "tree_walks"]
 
 FILE_KINDS = ("corrupt", "truncated", "not_an_image", "unreadable")
 KINDS = (*FILE_KINDS, "empty_class", "class_mismatch")
@@ -134,11 +145,38 @@ class CheckReport:
         return path
 
 
+@dataclass
+class CheckedData:
+    """What one check found: the ``report``, and the split indexes of the same walk.
+
+    ``classes``: the train split's class folders in sorted order (the val folder's own for
+    a root that holds only val). ``samples``: per split that exists (``train``, ``val``),
+    every (path, label) :func:`~gppq_dist.data.layout.index_split` would list, bad files
+    included, spelled and ordered as it does. ``stats``: (size, mtime in ns) of every
+    examined file, by path as spelled in ``samples``. ``folders``: every folder listed (the
+    root, split folders, class folders and the folders below them, and for file lists the
+    folders of the listed files), by path as spelled, with its mtime in ns taken before it
+    was listed (None: it could not be stat'ed). ``lists``: (size, mtime in ns) of each file
+    list, by path as configured.
+    """
+
+    report: CheckReport
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+    stats: dict[str, tuple[int, int]]
+    folders: dict[str, int | None]
+    lists: dict[str, tuple[int, int] | None]
+
+
 def check_data(data: Any) -> CheckReport:
     """:func:`check_folder` for a :class:`~gppq_dist.config.DataConfig` (``root``,
     ``train_list``, ``val_list``, ``workers``), cached in :func:`default_cache_dir`."""
-    return check_folder(data.root, data.train_list, data.val_list, data.workers,
-                        cache_dir=default_cache_dir(data.root))
+    return check_and_index(data).report
+
+
+def check_and_index(data: Any) -> CheckedData:
+    """:func:`check_data`, and the split indexes of its walk: one walk of the tree in all."""
+    return _check(data.root, data.train_list, data.val_list, data.workers, default_cache_dir(data.root))
 
 
 def check_folder(
@@ -155,9 +193,25 @@ def check_folder(
     report is cached (None: no cache). A missing root, or one with neither split, is a
     :class:`DataError`; everything wrong with the data itself goes into the report.
     """
-    scan = _scan(Path(root), train_list, val_list)
-    key = scan.cache_key()
+    return _check(root, train_list, val_list, workers, cache_dir).report
+
+
+def _check(root: str | Path, train_list: str | None, val_list: str | None, workers: int,
+           cache_dir: str | Path | None) -> CheckedData:
     cache_file = _cache_file(cache_dir, root, train_list, val_list) if cache_dir is not None else None
+    if cache_file is not None:
+        # Made before the walk: a cache folder created inside the root after it would change
+        # the root's mtime, and a manifest would then take the tree for changed once.
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+    scan = _scan(Path(root), train_list, val_list)
+    report = _report(scan, root, workers, cache_file)
+    return CheckedData(report=report, classes=scan.classes, samples=scan.samples, stats=scan.stats,
+                       folders=scan.folders, lists=scan.lists)
+
+
+def _report(scan: _Scan, root: str | Path, workers: int, cache_file: Path | None) -> CheckReport:
+    key = scan.cache_key()
     if cache_file is not None:
         cached = _read_cache(cache_file, key, root)
         if cached is not None:
@@ -190,20 +244,40 @@ def default_cache_dir(root: str | Path) -> Path:
 @dataclass
 class _Scan:
     """What a check examines, found without decoding: the image files to decode, the
-    problems visible from names and folders alone, and the cache key's ingredients."""
+    problems visible from names and folders alone, and the cache key's ingredients; also
+    the split indexes and folder mtimes of :class:`CheckedData`."""
 
     root: Path
     to_decode: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     fingerprint: list[Any] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    samples: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)
+    folders: dict[str, int | None] = field(default_factory=dict)
+    lists: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
-    def examine(self, path: Path, info: os.stat_result | None = None) -> None:
+    def __post_init__(self) -> None:
+        self.prefix = str(self.root)
+
+    def examine(self, path: str, info: os.stat_result | None = None) -> None:
         """Add ``path``'s (relative path, size, mtime in ns) to the key; (path, None, None) if missing."""
+        relative = relative_to_root(path, self.prefix)
         try:
-            info = info or path.stat()
-            self.fingerprint.append((_relative(path, self.root), info.st_size, info.st_mtime_ns))
+            info = info or os.stat(path)
         except OSError:
-            self.fingerprint.append((_relative(path, self.root), None, None))
+            self.fingerprint.append((relative, None, None))
+            return
+        self.fingerprint.append((relative, info.st_size, info.st_mtime_ns))
+        self.stats[path] = (info.st_size, info.st_mtime_ns)
+
+    def folder(self, path: Path) -> None:
+        """Note ``path``'s mtime; called before the folder is listed, so that a change made
+        while the walk runs shows as a later mtime."""
+        with contextlib.suppress(OSError):
+            self.folders[str(path)] = path.stat().st_mtime_ns
+            return
+        self.folders[str(path)] = None
 
     def cache_key(self) -> str:
         ingredients = [CACHE_FORMAT, PIL.__version__, sorted(self.fingerprint, key=repr)]
@@ -213,33 +287,42 @@ class _Scan:
 def _scan(root: Path, train_list: str | None, val_list: str | None) -> _Scan:
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist")
+    count_tree_walk()
+    scan = _Scan(root)
+    scan.folder(root)
     train_dir = root / "train"
+    if train_dir.is_dir():
+        scan.folder(train_dir)
     train_classes = class_folders(train_dir) if train_dir.is_dir() else None
     val_dir = _optional_val_dir(root)
     if train_classes is None and (train_list or val_list):
         raise DataError(f"a file list needs '{train_dir}/<class>/' folders to name the classes")
     if train_classes is None and val_dir is None:
         raise DataError(f"'{root}' has neither a train/ nor a val/ folder (expected {root}/train/<class>/<image>)")
-    scan = _Scan(root)
     # Class folders are part of the key: a new empty one changes the report, not any file.
     scan.fingerprint.append(("train classes", train_classes))
+    scan.classes = list(train_classes) if train_classes is not None else []
     if train_list:
-        named = _scan_list(scan, train_list, train_classes, "train_list")
+        named = _scan_list(scan, "train", train_list, train_classes, "train_list")
         scan.problems += [Problem("empty_class", str(train_dir / name), f"no samples in {train_list}")
                           for name in train_classes if name not in named]
     elif train_classes is not None:
-        _scan_folder(scan, train_dir)
+        _scan_folder(scan, "train", train_dir, train_classes)
     if val_list:
-        named = _scan_list(scan, val_list, train_classes, "val_list")
+        named = _scan_list(scan, "val", val_list, train_classes, "val_list")
         scan.problems += [
             Problem("class_mismatch", str(train_dir / name), f"class '{name}' has no samples in {val_list}")
             for name in train_classes if name not in named
         ]
     elif val_dir is not None:
-        val_classes = _scan_folder(scan, val_dir)
+        if val_dir != root:
+            scan.folder(val_dir)
+        val_classes = _scan_folder(scan, "val", val_dir, train_classes)
         scan.fingerprint.append(("val classes", val_classes))
         if train_classes is not None:
             _compare_classes(scan, train_dir, train_classes, val_dir, val_classes)
+        else:
+            scan.classes = list(val_classes)
     return scan
 
 
@@ -250,37 +333,57 @@ def _optional_val_dir(root: Path) -> Path | None:
         return None
 
 
-def _scan_list(scan: _Scan, list_path: str, classes: list[str], key: str) -> set[str]:
+def _scan_list(scan: _Scan, split: str, list_path: str, classes: list[str], key: str) -> set[str]:
     """Queue every listed file for decoding; returns the class names the list uses."""
+    try:
+        info = os.stat(list_path)
+        scan.lists[list_path] = (info.st_size, info.st_mtime_ns)
+    except OSError:
+        scan.lists[list_path] = None
     index = read_file_list(list_path, scan.root, classes, key=key)
-    scan.examine(Path(list_path))
+    scan.examine(str(Path(list_path)))
+    # The listed files' folders: a listed file removed or renamed changes its folder's mtime.
+    for folder in dict.fromkeys(os.path.dirname(path) for path in index.paths):
+        scan.folder(Path(folder or "."))
     for path in index.paths:
-        scan.examine(Path(path))
+        scan.examine(path)
         scan.to_decode.append(path)
+    scan.samples[split] = index.samples
     return {classes[label] for label in index.labels}
 
 
-def _scan_folder(scan: _Scan, folder: Path) -> list[str]:
+def _scan_folder(scan: _Scan, split: str, folder: Path, train_classes: list[str] | None) -> list[str]:
     """Queue the image files of every class folder of ``folder`` (recursively, as the split
-    index reads them); report other files and empty class folders. Returns the class names."""
+    index reads them); report other files and empty class folders. Returns the class names.
+
+    The images become ``split``'s samples, labelled by their class folder's position in
+    ``train_classes`` (the folder's own classes when None); a class folder train lacks adds
+    no samples (the check reports it as a class mismatch).
+    """
     classes = class_folders(folder)
+    position = {name: index for index, name in enumerate(classes if train_classes is None else train_classes)}
+    samples = scan.samples.setdefault(split, [])
     for name in classes:
         images = 0
-        for path in sorted((folder / name).rglob("*")):
-            try:
-                info = path.stat()
-            except OSError:  # a dangling link: the split index skips it too
+        label = position.get(name)
+        scan.folder(folder / name)
+        # dangling links are left out, as the split index leaves them out
+        for path, info in entries_under(folder / name):
+            if stat.S_ISDIR(info.st_mode):  # a folder below the class folder
+                scan.folders[path] = info.st_mtime_ns
                 continue
             if not stat.S_ISREG(info.st_mode):
                 continue
             if is_image_name(path):
                 images += 1
                 scan.examine(path, info)
-                scan.to_decode.append(str(path))
-            elif not path.name.startswith("."):
+                scan.to_decode.append(path)
+                if label is not None:
+                    samples.append((path, label))
+            elif not os.path.basename(path).startswith("."):
                 scan.examine(path, info)
-                detail = f"not an image extension ({path.suffix or 'none'})"
-                scan.problems.append(Problem("not_an_image", str(path), detail))
+                detail = f"not an image extension ({Path(path).suffix or 'none'})"
+                scan.problems.append(Problem("not_an_image", path, detail))
         if not images:
             scan.problems.append(Problem("empty_class", str(folder / name), "class folder without images"))
     return classes

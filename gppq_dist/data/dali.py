@@ -145,22 +145,30 @@ def _half_to_even(excess):
 class DaliLoader:
     """Batches of one rank's shard, one epoch per ``iter()``; ``set_epoch`` picks the order.
 
-    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on the pipeline's device
-    (``cuda:device_id``, or the CPU when ``device_id`` is None), ``spec.steps`` batches per
-    epoch (for train the same on every rank). As with torch's ``DistributedSampler``, the
-    order changes only when ``set_epoch`` is called.
+    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on ``device``, by default
+    the pipeline's own (``cuda:device_id``, or the CPU when ``device_id`` is None);
+    ``spec.steps`` batches per epoch (for train the same on every rank). A pipeline on
+    another device than ``device`` (the CPU pipeline feeding a GPU) has its batches copied
+    there with ``non_blocking=True``. As with torch's ``DistributedSampler``, the order
+    changes only when ``set_epoch`` is called.
     """
 
-    def __init__(self, spec: LoaderSpec, device_id: int | None = None):
+    def __init__(self, spec: LoaderSpec, device_id: int | None = None, device: torch.device | None = None):
         self.spec = spec
         self.device_id = device_id
+        self.target = None if device is None else torch.device(device)
         self.epoch = 0
         self.start_step, self.state = 0, ""
         self._batches: DALIGenericIterator | None = None
 
     @property
-    def device(self) -> torch.device:
+    def pipeline_device(self) -> torch.device:
+        """Where the pipeline's outputs are: ``cuda:device_id``, or the CPU."""
         return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline_device if self.target is None else self.target
 
     def set_epoch(self, epoch: int, start_step: int = 0, state: str = "") -> None:
         self.epoch, self.start_step, self.state = epoch, start_step, state
@@ -194,10 +202,16 @@ class DaliLoader:
             last_batch_policy=LastBatchPolicy.DROP if spec.train else LastBatchPolicy.PARTIAL,
         )
         self._batches = batches
+        # a CPU pipeline feeding a GPU copies each batch over; a GPU pipeline is already there
+        move = self.target is not None and self.target != self.pipeline_device
         try:
             for index, [batch] in enumerate(batches):
                 if index >= skip:
-                    yield batch["images"], batch["labels"].view(-1).long()
+                    images, labels = batch["images"], batch["labels"].view(-1).long()
+                    if move:
+                        images = images.to(self.target, non_blocking=True)
+                        labels = labels.to(self.target, non_blocking=True)
+                    yield images, labels
         finally:
             self._batches = None
             del batches, pipe

@@ -198,15 +198,16 @@ class LoaderSpec:
 class TorchvisionLoader:
     """The torchvision counterpart of :class:`~gppq_dist.data.dali.DaliLoader`.
 
-    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on the CPU, ``spec.steps``
-    batches per epoch. Train: :class:`EpochSampler` (shuffled by ``(seed, epoch)``, tail
-    dropped), crops drawn per image from ``(seed, epoch, index)``, full batches only. Val:
-    the rank's contiguous shard once, last batch partial. ``set_epoch`` picks the train
-    order and, for a resumed epoch, the first batch; the position is implied by the epoch
-    and step, so :meth:`position` has nothing to add.
+    Yields ``(images float32 [B, 3, S, S], labels int64 [B])`` on ``device`` (default the
+    CPU), ``spec.steps`` batches per epoch; for a CUDA ``device`` the batches are collated
+    into pinned memory and copied with ``non_blocking=True``. Train: :class:`EpochSampler`
+    (shuffled by ``(seed, epoch)``, tail dropped), crops drawn per image from ``(seed,
+    epoch, index)``, full batches only. Val: the rank's contiguous shard once, last batch
+    partial. ``set_epoch`` picks the train order and, for a resumed epoch, the first batch;
+    the position is implied by the epoch and step, so :meth:`position` has nothing to add.
     """
 
-    def __init__(self, spec: LoaderSpec):
+    def __init__(self, spec: LoaderSpec, device: torch.device | None = None):
         data = spec.data
         self.spec = spec
         if spec.train:
@@ -216,6 +217,7 @@ class TorchvisionLoader:
         else:
             dataset = SampleDataset(spec.samples, val_transform(preprocess_info(data)))
             self.sampler = ShardSampler(len(dataset), spec.rank, spec.world_size)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.batches = DataLoader(
             dataset,
             batch_size=spec.batch_size,
@@ -223,8 +225,8 @@ class TorchvisionLoader:
             num_workers=data.workers,
             persistent_workers=data.workers > 0,
             drop_last=spec.train,
+            pin_memory=self.device.type == "cuda",
         )
-        self.device = torch.device("cpu")
 
     def set_epoch(self, epoch: int, start_step: int = 0, state: str = "") -> None:
         if isinstance(self.sampler, EpochSampler):
@@ -237,4 +239,7 @@ class TorchvisionLoader:
         return self.spec.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.batches)
+        if self.device.type == "cpu":
+            return iter(self.batches)
+        return ((images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+                for images, labels in self.batches)

@@ -9,16 +9,36 @@ Two input layouts:
   ``label`` is a class folder name of the train split or an integer class index.
 
 The train split defines the classes; val must use the same ones.
+
+Listing every file of a split (:func:`index_folder`, and the data check's scan) is a *tree
+walk*, the expensive part of starting a run on a large data set on a shared file system.
+Each process counts them (:func:`tree_walks`), so tests and benchmarks can see how often a
+run walks its data. Reading a file list is not a walk.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from gppq_dist.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_tree_walks = 0
+
+
+def tree_walks() -> int:
+    """Full walks of a data tree this process has made so far (see the module docstring)."""
+    return _tree_walks
+
+
+def count_tree_walk() -> None:
+    """Called once by every function that lists all the files of a data tree."""
+    global _tree_walks
+    _tree_walks += 1
 
 
 @dataclass(frozen=True)
@@ -36,6 +56,58 @@ class SplitIndex:
     @property
     def labels(self) -> list[int]:
         return [label for _, label in self.samples]
+
+
+def entries_under(folder: str | Path) -> list[tuple[str, os.stat_result]]:
+    """Every entry below ``folder``, recursively, with its ``stat`` (links followed), in the
+    order and spelling of ``sorted(Path(folder).rglob("*"))``.
+
+    As ``rglob``, a linked folder is listed but not entered and an unreadable folder adds
+    nothing; entries that cannot be stat'ed (dangling links) are left out. One ``scandir``
+    per folder and one ``stat`` per entry, without pathlib's cost per path.
+    """
+    found: list[tuple[tuple[str, ...], str, os.stat_result]] = []
+
+    def visit(path: str, parts: tuple[str, ...]) -> None:
+        try:
+            with os.scandir(path) as listing:
+                entries = list(listing)
+        except PermissionError:
+            return
+        for entry in entries:
+            try:
+                info = entry.stat()
+            except OSError:
+                continue
+            key = (*parts, entry.name)
+            found.append((key, entry.path, info))
+            if stat.S_ISDIR(info.st_mode) and not entry.is_symlink():
+                visit(entry.path, key)
+
+    visit(str(Path(folder)), ())
+    found.sort(key=lambda item: item[0])  # Path ordering: part by part
+    return [(path, info) for _, path, info in found]
+
+
+def relative_to_root(path: str, root_prefix: str) -> str:
+    """``str(Path(path).relative_to(root))`` for ``root_prefix = str(Path(root))``, by string
+    operations: "" for the root itself, ``path`` unchanged when it does not lie under the
+    root as spelled (an absolute path outside a relative root, say)."""
+    if path == root_prefix:
+        return ""
+    if root_prefix == ".":
+        return path  # relative paths already are; absolute ones stay absolute
+    head = root_prefix if root_prefix.endswith("/") else root_prefix + "/"
+    return path[len(head):] if path.startswith(head) else path
+
+
+def join_root(root_prefix: str, relative: str) -> str:
+    """The inverse of :func:`relative_to_root`: ``str(Path(root_prefix) / relative)``."""
+    if not relative:
+        return root_prefix
+    if relative.startswith("/") or root_prefix == ".":
+        return relative
+    return (root_prefix if root_prefix.endswith("/") else root_prefix + "/") + relative
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -66,6 +138,7 @@ def index_folder(folder: Path, classes: list[str] | None = None) -> SplitIndex:
     ``classes`` defaults to the folder's own class folders; a class folder missing from
     ``classes`` is an error (val naming a class train does not have).
     """
+    count_tree_walk()
     own = class_folders(folder)
     classes = own if classes is None else classes
     position = {name: index for index, name in enumerate(classes)}
@@ -75,10 +148,10 @@ def index_folder(folder: Path, classes: list[str] | None = None) -> SplitIndex:
             f"'{folder}' has class folders that the train split does not: {', '.join(unknown[:10])}"
         )
     samples = [
-        (str(path), position[name])
+        (path, position[name])
         for name in own
-        for path in sorted((folder / name).rglob("*"))
-        if path.is_file() and is_image_name(path)
+        for path, info in entries_under(folder / name)
+        if stat.S_ISREG(info.st_mode) and is_image_name(path)
     ]
     return SplitIndex(split=folder.name, classes=list(classes), samples=samples)
 
