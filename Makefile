@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup demo test test-fast bench bench-methods clean
+.PHONY: setup demo test test-fast bench bench-methods gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +34,11 @@ bench: setup
 # every method at matched size on the demo data, 3 seeds (about 14 minutes on 2 cores)
 bench-methods: setup
 	$(BIN)/python benchmarks/compare_methods.py
+
+# what only a GPU can show, in one table (benchmarks/results/gpu_check.md), under 8 minutes
+# on one GPU; without a CUDA device one line and exit 0
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs data/digits .pytest_cache

@@ -23,6 +23,10 @@ the median over repeats of the ratio of adjacent blocks). The
 is hit hard) skew the result. Prints a Markdown table and writes it to
 ``benchmarks/results/step_time.md``.
 
+``measure(config, device, batch, size, ...)`` is the measurement without the report, on any
+device: ``benchmarks/gpu_check.py`` runs it on a GPU, where every step is timed between two
+``torch.cuda.synchronize`` calls (timing only: the steps themselves are unchanged).
+
     .venv/bin/python benchmarks/step_time.py [--steps 5] [--repeats 10] [--threads N] [--batch 32] [--size 64]
 """
 
@@ -61,43 +65,56 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "resnet18_small_blocks.yaml"))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
-    parser.add_argument("--repeats", type=int, default=10, help="blocks of each kind, alternating")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64, help="input height = width")
-    parser.add_argument("--kmeans-iterations", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.md"))
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def _timer(device: torch.device):
+    """``time.perf_counter`` for the CPU; on a GPU the clock waits for the queued kernels
+    first (``torch.cuda.synchronize``), so a step's time is its GPU work, not its launch."""
+    if device.type != "cuda":
+        return time.perf_counter
 
-    cfg = load_config(args.config)
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+def measure(
+    config: str | Path,
+    device: torch.device | str = "cpu",
+    batch: int = 32,
+    size: int = 64,
+    steps: int = 5,
+    repeats: int = 10,
+    warmup: int = 2,
+    kmeans_iterations: int = 3,
+    seed: int = 0,
+) -> dict:
+    """Time the three kinds of step (module docstring) on ``device``; returns ``times`` (per
+    kind, every timed step in seconds), ``ms`` (median per kind), ``ratio`` (G&P / plain),
+    ``pair_ratios`` and what the report says about the setup."""
+    device = torch.device(device)
+    cfg = load_config(config)
     hp = cfg.train
-    torch.manual_seed(args.seed)
-    plain_model = build_model(cfg.model.arch, cfg.model.num_classes)
+    torch.manual_seed(seed)
+    plain_model = build_model(cfg.model.arch, cfg.model.num_classes).to(device)
     gp_model = copy.deepcopy(plain_model)
     generic_model = copy.deepcopy(plain_model)
     plans = plan_layers(gp_model, cfg.quantization)
+    clock = _timer(device)
 
     # Setup (not timed): psi from a few k-means iterations on the model's weights.
-    setup_start = time.perf_counter()
+    setup_start = clock()
     modules = dict(gp_model.named_modules())
     results = kmeans_many(
         [modules[p.name].weight.detach().reshape(-1, p.d) for p in plans],
         [p.k for p in plans],
-        iterations=args.kmeans_iterations,
+        iterations=kmeans_iterations,
         seed=cfg.kmeans.seed,
         init_sample=cfg.kmeans.init_sample,
         kernel=cfg.kmeans.kernel,
     )
     assignments = {p.name: r.assignments for p, r in zip(plans, results)}
-    setup_s = time.perf_counter() - setup_start
+    setup_s = clock() - setup_start
     engine = DDPEngine(gp_model, GPUpdate(gp_model, plans, assignments, mu=hp.mu), hp, distributed=False)
     generic_update = GPUpdate(generic_model, plans, assignments, mu=hp.mu)
     generic_optimizer = sgd(generic_model.parameters(), hp)
@@ -105,9 +122,9 @@ def main() -> None:
     for model in (plain_model, gp_model, generic_model):
         model.train()
 
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator)
-    labels = torch.randint(cfg.model.num_classes, (args.batch,), generator=generator)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    labels = torch.randint(cfg.model.num_classes, (batch,), generator=generator).to(device)
     criterion = nn.CrossEntropyLoss()
 
     def plain_step() -> None:
@@ -129,35 +146,76 @@ def main() -> None:
         generic_optimizer.step()
         generic_optimizer.zero_grad(set_to_none=True)
 
-    steps = {"plain": plain_step, "G&P": gp_step, "G&P generic": generic_step}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    pair_ratios: dict[str, list[float]] = {name: [] for name in steps if name != "plain"}
+    kinds = {"plain": plain_step, "G&P": gp_step, "G&P generic": generic_step}
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    pair_ratios: dict[str, list[float]] = {name: [] for name in kinds if name != "plain"}
     load_before = os.getloadavg()[0]
-    for _ in range(args.warmup):
-        for step in steps.values():
+    for _ in range(warmup):
+        for step in kinds.values():
             step()
-    for repeat in range(args.repeats):
-        order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
+    for repeat in range(repeats):
+        order = list(kinds) if repeat % 2 == 0 else list(reversed(kinds))
         for name in order:
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
+            for _ in range(steps):
+                start = clock()
+                kinds[name]()
+                times[name].append(clock() - start)
         for name, ratios in pair_ratios.items():
-            ratios.append(statistics.median(times[name][-args.steps:]) / statistics.median(times["plain"][-args.steps:]))
+            ratios.append(statistics.median(times[name][-steps:]) / statistics.median(times["plain"][-steps:]))
 
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    ratio = ms["G&P"] / ms["plain"]
-    quantized = sum(torch.Size(p.shape).numel() for p in plans)
-    total = sum(p.numel() for p in gp_model.parameters())
+    return {
+        "arch": cfg.model.arch,
+        "num_classes": cfg.model.num_classes,
+        "mu": hp.mu,
+        "device": str(device),
+        "batch": batch,
+        "size": size,
+        "steps": steps,
+        "repeats": repeats,
+        "warmup": warmup,
+        "kmeans_iterations": kmeans_iterations,
+        "layers": len(plans),
+        "quantized": sum(torch.Size(p.shape).numel() for p in plans),
+        "total": sum(p.numel() for p in gp_model.parameters()),
+        "subvectors": sum(p.n_subvectors for p in plans),
+        "setup_s": setup_s,
+        "times": times,
+        "ms": ms,
+        "ratio": ms["G&P"] / ms["plain"],
+        "pair_ratios": pair_ratios,
+        "load_before": load_before,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "resnet18_small_blocks.yaml"))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    parser.add_argument("--repeats", type=int, default=10, help="blocks of each kind, alternating")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64, help="input height = width")
+    parser.add_argument("--kmeans-iterations", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time.md"))
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    result = measure(args.config, "cpu", batch=args.batch, size=args.size, steps=args.steps,
+                     repeats=args.repeats, warmup=args.warmup, kmeans_iterations=args.kmeans_iterations,
+                     seed=args.seed)
+    ms, times, pair_ratios, ratio = result["ms"], result["times"], result["pair_ratios"], result["ratio"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     lines = [
-        f"{cfg.model.arch} ({cfg.model.num_classes} classes), batch {args.batch} x 3 x {args.size} x {args.size}, "
+        f"{result['arch']} ({result['num_classes']} classes), batch {args.batch} x 3 x {args.size} x {args.size}, "
         f"CPU, 1 process, {torch.get_num_threads()} torch threads; regime {Path(args.config).stem}: "
-        f"{len(plans)} quantized layers, {quantized:,} of {total:,} parameters, "
-        f"{sum(p.n_subvectors for p in plans):,} subvectors; psi from {args.kmeans_iterations} k-means "
-        f"iterations ({setup_s:.1f} s, not timed); mu={hp.mu}",
+        f"{result['layers']} quantized layers, {result['quantized']:,} of {result['total']:,} parameters, "
+        f"{result['subvectors']:,} subvectors; psi from {args.kmeans_iterations} k-means "
+        f"iterations ({result['setup_s']:.1f} s, not timed); mu={result['mu']}",
         f"median of {args.repeats} x {args.steps} steps of each kind, blocks interleaved, "
         f"{args.warmup} warm-up steps each; goal: G&P / plain <= {GOAL:.2f}x "
         f"({'met' if ratio <= GOAL else 'NOT met'})",
@@ -176,7 +234,7 @@ def main() -> None:
             f"{name} {min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}" for name, t in times.items()
         ),
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-        f"{cores} cores available ({cpu_model()}); 1-min load average {load_before:.2f} before, "
+        f"{cores} cores available ({cpu_model()}); 1-min load average {result['load_before']:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after (other processes on the cores skew both kinds of step)",
     ]
     text = "\n".join(lines)

@@ -148,6 +148,7 @@ def test_train_batches_are_normalized_crops(folder):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_pipeline_matches_cpu_pipeline(folder):
     data = data_config(folder, device="gpu")
