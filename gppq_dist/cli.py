@@ -37,6 +37,8 @@ ConfigOption = typer.Option(..., "--config", "-c", help="run config (YAML)")
 ArchOption = typer.Option(None, "--arch", help="override model.arch (any torchvision ResNet/ResNeXt/...)")
 SetOption = typer.Option(None, "--set", help="override a config key: KEY=VALUE (repeatable)")
 JsonOption = typer.Option(False, "--json", help="print one JSON object instead of a table")
+DeviceOption = typer.Option("auto", "--device",
+                            help="auto: one GPU per process when CUDA is visible, else the CPU; cpu; cuda")
 
 
 def _config(path: Path, arch: str | None = None, sets: list[str] | None = None):
@@ -59,7 +61,9 @@ def size(
     sets: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Accounted size of the compressed model, per layer (needs no weights and no data)."""
+    """Accounted size of the compressed model, per layer, for any torchvision classification
+    model (--arch); the model is built on the meta device, so it needs no weights file (a
+    torchvision weights name is checked, not read) and no data."""
     from gppq_dist.compress import plan_for
     from gppq_dist.models import build_model
     from gppq_dist.pq.accounting import account
@@ -96,12 +100,14 @@ def size(
 def compress(
     config: Path = ConfigOption,
     weights: Optional[str] = typer.Option(
-        None, "--weights", help="state dict file (.safetensors/.pt) or 'random'; default: model.weights"
+        None, "--weights", help="state dict file (.safetensors/.pt), a torchvision weights name of the arch "
+        "(IMAGENET1K_V1, DEFAULT, ...) or 'random'; default: model.weights"
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact path; default: <run dir>/direct_pq.gppq"),
     arch: Optional[str] = ArchOption,
     sets: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
+    device: str = DeviceOption,
 ) -> None:
     """Direct PQ: k-means on the weights, no finetuning; writes a .gppq artifact.
 
@@ -111,7 +117,7 @@ def compress(
     from gppq_dist.distributed import init_distributed, shutdown
 
     cfg = _config(config, arch, sets)
-    context = init_distributed()
+    context = init_distributed(device)
     try:
         summary = run_compress(cfg, out or cfg.run_dir / "direct_pq.gppq", context, weights)
     finally:
@@ -267,6 +273,7 @@ def train(
                                      help="with --nproc: torchrun restarts after a failed rank (resuming)"),
     resume: str = typer.Option("none", "--resume", help="auto: continue from the newest checkpoint; none: start fresh"),
     sets: Optional[list[str]] = SetOption,
+    device: str = DeviceOption,
 ) -> None:
     """Compress with the config's method (default G&P PQ: k-means, then the progressive
     update); writes <run dir>/gppq.gppq and summary.json.
@@ -278,16 +285,16 @@ def train(
     from gppq_dist.distributed import init_distributed, launch_local, shutdown
 
     if nproc > 1 and "RANK" not in os.environ:
-        args = ["--config", str(config), "--resume", resume]
+        args = ["--config", str(config), "--resume", resume, "--device", device]
         for item in sets or []:
             args += ["--set", item]
-        raise typer.Exit(launch_local(nproc, "gppq_dist.train", args, max_restarts))
+        raise typer.Exit(launch_local(nproc, "gppq_dist.train", args, max_restarts, device))
     from gppq_dist.methods import result_line, run
 
     if resume not in ("auto", "none"):
         raise UserError(f"--resume: expected 'auto' or 'none', got {resume!r}")
     cfg = _config(config, None, sets)
-    context = init_distributed()
+    context = init_distributed(device)
     try:
         summary = run(cfg, context, resume=resume == "auto")
     finally:
@@ -296,16 +303,33 @@ def train(
         stdout.print(result_line(summary), markup=False, highlight=False)
 
 
+@app.command("fetch-weights")
+def fetch_weights(
+    arch: str = typer.Argument(..., help="torchvision model name, e.g. resnet50"),
+    name: str = typer.Argument("DEFAULT", help="weights name: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, ..."),
+) -> None:
+    """Download torchvision's pretrained weights into its cache ($TORCH_HOME), once, before
+    any run (runs never download: many ranks would race, and nodes often have no network)."""
+    from gppq_dist.models import fetch_weights as fetch
+
+    try:
+        path = fetch(arch, name)
+    except OSError as exc:  # no network, a proxy, a full disk (urllib's errors are OSErrors)
+        raise UserError(f"fetching {arch} {name} failed: {exc}") from None
+    stdout.print(f"{path}", markup=False, highlight=False)
+
+
 @app.command()
 def pretrain(
     config: Path = ConfigOption,
     force: bool = typer.Option(False, "--force", help="train again even if a cached baseline fits"),
     sets: Optional[list[str]] = SetOption,
+    device: str = DeviceOption,
 ) -> None:
     """Train the uncompressed baseline (cached in the run folder)."""
     from gppq_dist.pretrain import pretrain as run_pretrain
 
-    summary = run_pretrain(_config(config, None, sets), force=force)
+    summary = run_pretrain(_config(config, None, sets), force=force, device=device)
     stdout.print(f"baseline {summary['weights']}: top-1 {summary['top1']:.2f}%"
                  + (" (cached)" if summary["cached"] else ""))
 
@@ -313,13 +337,16 @@ def pretrain(
 @app.command()
 def demo(
     config: Path = typer.Option(Path("configs/demo_digits.yaml"), "--config", "-c"),
-    nproc: int = typer.Option(2, "--nproc", min=1, help="processes for the G&P PQ stage (torchrun for N > 1)"),
+    nproc: int = typer.Option(2, "--nproc", min=1, help="processes for the G&P PQ stage (torchrun for N > 1; "
+                              "on GPUs at most one per visible GPU)"),
     sets: Optional[list[str]] = SetOption,
+    device: str = typer.Option("auto", "--device", help="auto: on the GPUs when CUDA is visible (--nproc cut to "
+                               "one process per GPU), else the CPU; cpu; cuda"),
 ) -> None:
     """The whole flow on the digits data: data, baseline (cached), direct PQ, G&P PQ, table."""
     from gppq_dist.demo import run_demo
 
-    rows = run_demo(_config(config, None, sets), config, sets or [], nproc)
+    rows = run_demo(_config(config, None, sets), config, sets or [], nproc, device)
     table = Table(title="demo: ResNet-18 on digits, compressed")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "model" else "right")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from gppq_dist.errors import ConfigError
+from gppq_dist.errors import ConfigError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,8 +90,26 @@ class ModelConfig(_Strict):
     num_classes: int = Field(1000, gt=0)
     weights: str = Field(
         "random",
-        description="'random' (seeded init) or a state dict file (.safetensors, .pt, .pth)",
+        description="'random' (seeded init), torchvision weights of the arch by name (IMAGENET1K_V1, "
+        "DEFAULT, ResNet50_Weights.IMAGENET1K_V2, read from torchvision's cache), or a state dict "
+        "file (.safetensors, .pt, .pth)",
     )
+
+    @field_validator("weights")
+    @classmethod
+    def _torchvision_weights_fit(cls, weights: str, info: ValidationInfo) -> str:
+        """A weights name must exist for the arch and match num_classes (no file needed: the
+        cache is looked at when the weights are loaded)."""
+        from gppq_dist.models import available_archs, is_weights_name, torchvision_weights
+
+        arch, num_classes = info.data.get("arch"), info.data.get("num_classes")
+        if not is_weights_name(weights) or arch not in available_archs():  # an unknown arch is reported on build
+            return weights
+        try:
+            torchvision_weights(arch, weights, num_classes, key="")
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix(": ")) from None
+        return weights
 
 
 class KMeansConfig(_Strict):
@@ -145,6 +163,9 @@ class TrainConfig(_Strict):
     mu: float = Field(1e-3, ge=0, description="strength of the pull toward the codewords (eq. 6)")
     plateau_patience: int = Field(2, ge=0, description="epochs without val-loss gain before lr / 10")
     checkpoint_every: int = Field(1000, ge=0, description="steps between mid-epoch checkpoints (0: epoch ends only)")
+    max_steps: int | None = Field(
+        None, gt=0, description="stop after this many training steps, the last epoch ending there (smoke "
+        "tests, start-up benchmarks); null: train.epochs whole epochs")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: forward/backward under bf16 autocast; weights, G&P update and optimizer stay fp32")
     engine: Literal["ddp", "deepspeed"] = "ddp"

@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gppq_dist.compress import compress
 from gppq_dist.config import RunConfig
 from gppq_dist.errors import UserError
 from gppq_dist.data.digits import write_digits
-from gppq_dist.distributed import init_distributed
+from gppq_dist.distributed import init_distributed, resolve_device
 from gppq_dist.pretrain import pretrain
 from gppq_dist.train.trainer import train
 
@@ -28,22 +30,29 @@ from gppq_dist.train.trainer import train
 log = logging.getLogger(__name__)
 
 
-def run_demo(cfg: RunConfig, config_path: Path, sets: list[str], nproc: int = 2) -> list[dict[str, Any]]:
+def run_demo(cfg: RunConfig, config_path: Path, sets: list[str], nproc: int = 2,
+             device: str = "auto") -> list[dict[str, Any]]:
     """Rows of the demo table: baseline, direct PQ, G&P PQ (quantized and raw weights).
 
     ``cfg`` is ``config_path`` with ``sets`` applied; the training stage gets both again
-    when it runs under torchrun (``nproc`` > 1).
+    when it runs under torchrun (``nproc`` > 1). ``device``: ``auto`` runs on the GPUs when
+    torch sees any, with ``nproc`` cut to one process per visible GPU; ``cpu`` on the CPU.
     """
+    kind = resolve_device(device)
+    if kind == "cuda" and nproc > torch.cuda.device_count():
+        log.info("demo: %d GPU(s) visible: the G&P stage runs on %d process(es), not %d",
+                 torch.cuda.device_count(), torch.cuda.device_count(), nproc)
+        nproc = torch.cuda.device_count()
     manifest = write_digits(cfg.data.root, size=cfg.data.image_size)
     log.info("data: %s (%d train, %d val)", cfg.data.root, manifest["train"], manifest["val"])
-    baseline = pretrain(cfg)
-    context = init_distributed(device="cpu")
+    baseline = pretrain(cfg, device=kind)
+    context = init_distributed(device=kind)
     direct = compress(cfg, cfg.run_dir / "direct_pq.gppq", context, weights=baseline["weights"])
     weights = f"model.weights={baseline['weights']}"
     if nproc > 1:
-        log.info("G&P PQ on %d processes (torchrun, gloo)", nproc)
+        log.info("G&P PQ on %d processes (torchrun, %s)", nproc, "NCCL" if kind == "cuda" else "gloo")
         command = [sys.executable, "-m", "gppq_dist.cli", "train", "--config", str(config_path),
-                   "--nproc", str(nproc), "--resume", "auto"]
+                   "--nproc", str(nproc), "--resume", "auto", "--device", kind]
         for item in [*sets, weights]:
             command += ["--set", item]
         if subprocess.call(command) != 0:

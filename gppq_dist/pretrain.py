@@ -19,6 +19,7 @@ from torch import nn
 from gppq_dist.config import RunConfig
 from gppq_dist.data.layout import index_split
 from gppq_dist.data.loaders import build_loader
+from gppq_dist.distributed import resolve_device
 from gppq_dist.errors import ConfigError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
@@ -51,8 +52,9 @@ def cached_baseline(cfg: RunConfig) -> dict[str, Any] | None:
     return summary if summary.get("settings_hash") == settings_hash(cfg) else None
 
 
-def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    """Train (or reuse) the baseline; returns its summary (``top1``, ``weights``, ...)."""
+def pretrain(cfg: RunConfig, force: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Train (or reuse) the baseline on ``device`` (``auto``: a GPU when torch sees one, or
+    ``cpu``/``cuda``); returns its summary (``top1``, ``weights``, ...)."""
     if not force and (cached := cached_baseline(cfg)) is not None:
         log.info("baseline: reusing %s (top-1 %.2f%%)", cached["weights"], cached["top1"])
         return {**cached, "cached": True}
@@ -64,10 +66,9 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             f"{len(classes)} class folders"
         )
     hp = cfg.pretrain
-    train_loader = build_loader(cfg.data, "train", seed=cfg.seed, batch_size=hp.batch_size)
-    val_loader = build_loader(cfg.data, "val", seed=cfg.seed)
-    # DALI on a GPU hands out batches there; the model goes where the batches are
-    device = train_loader.device
+    device = torch.device(resolve_device(device))
+    train_loader = build_loader(cfg.data, "train", seed=cfg.seed, batch_size=hp.batch_size, device=device)
+    val_loader = build_loader(cfg.data, "val", seed=cfg.seed, device=device)
     model = build_model(cfg.model.arch, cfg.model.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
                                 weight_decay=hp.weight_decay, nesterov=hp.momentum > 0)

@@ -31,6 +31,7 @@ from torch import nn
 
 from gppq_dist.artifact import Artifact, build_artifact
 from gppq_dist.config import RunConfig
+from gppq_dist.data.manifest import Manifest
 from gppq_dist.distributed import DistContext
 from gppq_dist.methods.two_stage import calibration_batches, for_each_input
 from gppq_dist.pq.codec import ternary_indices
@@ -49,9 +50,9 @@ class TSQScheme(SwapScheme):
     start_label = "TSQ input codes on the baseline"
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan], cfg: RunConfig, context: DistContext, reducer,
-                 state: dict[str, Any] | None) -> None:
+                 state: dict[str, Any] | None, manifest: Manifest) -> None:
         super().__init__(model, plans, reducer)
-        self.cfg, self.context, self.reducer = cfg, context, reducer
+        self.cfg, self.context, self.reducer, self.manifest = cfg, context, reducer, manifest
         self.method = cfg.method
         self.extra_epochs = self.method.code_epochs
         self.modules = [dict(model.named_modules())[plan.name] for plan in plans]
@@ -70,7 +71,7 @@ class TSQScheme(SwapScheme):
     @torch.no_grad()
     def _fit_quantizers(self) -> None:
         start = time.perf_counter()
-        batches = calibration_batches(self.cfg, self.context, self.method.calibration_batches)
+        batches = calibration_batches(self.cfg, self.context, self.method.calibration_batches, self.manifest)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         was_training = self.model.training
         self.model.eval()
@@ -87,10 +88,9 @@ class TSQScheme(SwapScheme):
             for_each_input(self.model, module, batches, add)
             eps, step = fit_sparse_quantizer(torch.cat(samples), self.method.activation_bits,
                                              self.method.activation_sparsity)
-            values = torch.tensor([eps, step], dtype=torch.float64)
-            if self.reducer.world_size > 1:
-                self.reducer.all_reduce_sum(values)
-                values /= self.reducer.world_size
+            values = torch.tensor([eps, step], dtype=torch.float64, device=self.context.device)
+            self.reducer.all_reduce_sum(values)
+            values /= self.reducer.world_size
             quantizer = InputQuantizer(float(values[0]), float(values[1]), levels)
             self.quantizers.append(quantizer)
             module.register_forward_pre_hook(quantizer)  # the next layers are fitted behind it
@@ -103,21 +103,21 @@ class TSQScheme(SwapScheme):
     @torch.no_grad()
     def _ternarize(self) -> None:
         start = time.perf_counter()
-        batches = calibration_batches(self.cfg, self.context, self.method.calibration_batches)
+        batches = calibration_batches(self.cfg, self.context, self.method.calibration_batches, self.manifest)
         was_training = self.model.training
         self.model.eval()
         self.alpha = []
         for plan, module, weight in zip(self.plans, self.modules, self.weights):
             n = weight[0].numel()
-            moment = torch.zeros(n, n, dtype=torch.float64)
+            moment = torch.zeros(n, n, dtype=torch.float64, device=self.context.device)
 
             def add(inputs, module=module, moment=moment, n=n):
-                moment.add_(second_moment(input_slices(module, inputs, n))[0].cpu())
+                moment.add_(second_moment(input_slices(module, inputs, n))[0])
 
             for_each_input(self.model, module, batches, add)
-            if self.reducer.world_size > 1:
-                self.reducer.all_reduce_sum(moment)
-            t, alpha = ternary_least_squares(weight.detach().cpu(), moment, iterations=self.method.ls_iterations,
+            self.reducer.all_reduce_sum(moment)
+            # on the CPU: the coordinate descent is a loop over columns, each with a test
+            t, alpha = ternary_least_squares(weight.detach().cpu(), moment.cpu(), iterations=self.method.ls_iterations,
                                              ridge=self.method.ridge)
             alpha = alpha.half().float().to(weight.device)
             weight.copy_((alpha.unsqueeze(1) * t.to(weight.device)).view_as(weight))

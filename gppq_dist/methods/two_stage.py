@@ -26,7 +26,8 @@ from torch import nn
 from gppq_dist.artifact import snap_model_
 from gppq_dist.compress import cluster
 from gppq_dist.config import RunConfig
-from gppq_dist.data.loaders import build_loader
+from gppq_dist.data.loaders import run_loader
+from gppq_dist.data.manifest import Manifest
 from gppq_dist.distributed import DistContext
 from gppq_dist.pq.kmeans import Reducer
 from gppq_dist.pq.plan import LayerPlan
@@ -40,15 +41,13 @@ class _Reached(Exception):
     """Raised by the input hook: the rest of the forward pass is not needed."""
 
 
-def calibration_batches(cfg: RunConfig, context: DistContext, count: int) -> list[torch.Tensor]:
+def calibration_batches(cfg: RunConfig, context: DistContext, count: int, manifest: Manifest) -> list[torch.Tensor]:
     """The first ``count`` train batches of epoch 0 of this rank's shard (images only, on
-    the loader's device)."""
-    loader = build_loader(cfg.data, "train", batch_size=cfg.train.batch_size // context.world_size,
-                          rank=context.rank, world_size=context.world_size, local_rank=context.local_rank,
-                          seed=cfg.seed)
+    the process's device)."""
+    loader = run_loader(cfg.data, "train", manifest, context, cfg.seed,
+                        batch_size=cfg.train.batch_size // context.world_size)
     loader.set_epoch(0)
-    device = loader.device
-    batches = [images.to(device) for images, _ in islice(loader, count)]
+    batches = [images for images, _ in islice(loader, count)]
     del loader
     return batches
 
@@ -74,7 +73,7 @@ def for_each_input(model: nn.Module, module: nn.Module, batches: list[torch.Tens
 
 
 def layerwise_pq(model: nn.Module, plans: list[LayerPlan], cfg: RunConfig, context: DistContext,
-                 reducer: Reducer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                 reducer: Reducer, manifest: Manifest) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Stage 1: psi and the (fp16-exact, fp32) codebooks of every layer; ``model``'s
     quantized weights are snapped to them in place."""
     if not cfg.method.activation_weighted:
@@ -84,23 +83,22 @@ def layerwise_pq(model: nn.Module, plans: list[LayerPlan], cfg: RunConfig, conte
         return compressed.assignments, codebooks
 
     start = time.perf_counter()
-    batches = calibration_batches(cfg, context, cfg.method.calibration_batches)
+    batches = calibration_batches(cfg, context, cfg.method.calibration_batches, manifest)
     modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
     psi, codebooks = {}, {}
     for index, plan in enumerate(plans):
         module = modules[plan.name]
-        moment = torch.zeros(plan.d, plan.d, dtype=torch.float64)
+        moment = torch.zeros(plan.d, plan.d, dtype=torch.float64, device=context.device)
 
         def add(inputs, plan=plan, module=module, moment=moment):
-            moment.add_(second_moment(input_slices(module, inputs, plan.d))[0].cpu())
+            moment.add_(second_moment(input_slices(module, inputs, plan.d))[0])
 
         for_each_input(model, module, batches, add)
-        if reducer.world_size > 1:
-            reducer.all_reduce_sum(moment)
+        reducer.all_reduce_sum(moment)
         result = weighted_kmeans(
-            to_subvectors(module.weight.detach(), plan.d).cpu(), moment, plan.k, reducer=reducer,
+            to_subvectors(module.weight.detach(), plan.d).to(context.device), moment, plan.k, reducer=reducer,
             iterations=cfg.kmeans.iterations, seed=cfg.kmeans.seed + index, kernel=cfg.kmeans.kernel,
             init_sample=cfg.kmeans.init_sample, chunk_mb=cfg.kmeans.chunk_mb,
         )

@@ -20,7 +20,7 @@ import yaml
 from gppq_dist.artifact import build_artifact, snap_model_
 from gppq_dist.compress import artifact_info, code_model, load_model
 from gppq_dist.config import DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod, RunConfig
-from gppq_dist.data.loaders import build_loader
+from gppq_dist.data.loaders import run_loader
 from gppq_dist.distributed import DistContext, reducer_for
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
@@ -37,10 +37,9 @@ def code_once(cfg: RunConfig, context: DistContext, resume: bool) -> dict[str, A
     if context.is_main:
         write_text_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     with open_tracker(cfg, context, resumed=False) as tracker:
-        preflight(cfg, context, reducer)
-        val_loader = build_loader(cfg.data, "val", rank=context.rank, world_size=context.world_size,
-                                  local_rank=context.local_rank, seed=cfg.seed)
-        device = val_loader.device
+        manifest = preflight(cfg, context, reducer)
+        val_loader = run_loader(cfg.data, "val", manifest, context, cfg.seed)
+        device = context.device
         model = load_model(cfg).to(device)
         baseline = evaluate(model, val_loader, device, "baseline val", reducer)
         coded = code_model(model, cfg, context)

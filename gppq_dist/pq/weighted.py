@@ -48,7 +48,7 @@ def weighted_kmeans(subvectors: torch.Tensor, moment: torch.Tensor, k: int, redu
     """
     d = moment.shape[0]
     moment = moment / max(float(torch.trace(moment)) / d, 1e-30)  # scale-free
-    factor = torch.linalg.cholesky(moment + damping * torch.eye(d, dtype=moment.dtype))
+    factor = torch.linalg.cholesky(moment + damping * torch.eye(d, dtype=moment.dtype, device=moment.device))
     whitened = (subvectors.double() @ factor).float()
     (result,) = kmeans_many([whitened], [k], reducer=reducer, **options)
     assignment = Assignment.from_psi(result.assignments, k)

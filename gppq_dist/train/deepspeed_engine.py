@@ -43,8 +43,8 @@ Conv/Linear gradients in bf16), so the engine hands the caller's autocast state 
 the model.
 
 DeepSpeed needs a process group even for one process. ``distributed=False`` uses a 1-rank
-group when one is up, and otherwise starts one (gloo over an in-process store, no
-rendezvous), which :func:`gppq_dist.distributed.shutdown` ends like any other.
+group when one is up, and otherwise starts one over an in-process store, no rendezvous
+(the usual backend for the model's device: ``cpu:gloo,cuda:nccl`` or gloo), which :func:`gppq_dist.distributed.shutdown` ends like any other.
 
 With a straight-through method (CLIP-Q, TSQ: ``update`` manages no weights) every
 parameter is DeepSpeed's and ``optimizer`` is the SGD it wraps (the lr scheduler's handle).
@@ -67,10 +67,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gppq_dist.config import TrainConfig
+from gppq_dist.distributed import ensure_process_group, group_rank_and_size
 from gppq_dist.errors import ConfigError
 from gppq_dist.train.engine import copy_lr, gp_sgd, reduce_step, sgd, unquantized
 from gppq_dist.train.gp_update import GPUpdate
@@ -138,17 +138,6 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _ensure_process_group(distributed: bool) -> None:
-    """DeepSpeed runs on the default process group; one process gets a 1-rank gloo group."""
-    if dist.is_initialized():
-        if not distributed and dist.get_world_size() != 1:
-            raise ValueError(f"distributed=False, but the process group has {dist.get_world_size()} ranks")
-        return
-    if distributed:
-        raise ValueError("distributed=True, but no process group is initialized")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
 class _CallerAutocast(nn.Module):
     """The model, run under the autocast state its caller passes in (DeepSpeed may reset it)."""
 
@@ -168,15 +157,20 @@ class DeepSpeedEngine:
         self, model: nn.Module, update: GPUpdate, hp: TrainConfig, ds_config: dict[str, Any], distributed: bool
     ) -> None:
         stage = check_deepspeed_config(ds_config)
-        _ensure_process_group(distributed)
+        device = next(model.parameters()).device
+        ensure_process_group(distributed, device)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set; torchrun sets it
+        # DeepSpeed's accelerator follows the model's device (unless the environment names one):
+        # its own detection would pick CUDA for a CPU run on a GPU machine
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
         import deepspeed  # slow to import: only when this engine is used
 
-        world_size = dist.get_world_size()
+        rank, world_size = group_rank_and_size()
         if hp.batch_size % world_size:
             raise ConfigError(f"train.batch_size = {hp.batch_size} must split evenly over {world_size} ranks")
         self.model = model
         self.update = update
+        self.rank, self.world_size = rank, world_size
         self.sharded = stage >= 1
         self.gp = bool(update.weights)
         self._rest = unquantized(model, update)
@@ -209,7 +203,7 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
-        if not self.sharded and dist.get_world_size() > 1:
+        if not self.sharded and self.world_size > 1:
             for param in self._rest:
                 if param.grad is None:  # unused this step: every rank must send the same tensors
                     param.grad = torch.zeros_like(param)
@@ -249,6 +243,6 @@ class DeepSpeedEngine:
             self.ds.optimizer.load_state_dict(state["deepspeed"])
             return
         # ZeRO reads the entry of this rank from a list of every rank's state.
-        states = [None] * dist.get_world_size()
-        states[dist.get_rank()] = state["deepspeed"]
+        states = [None] * self.world_size
+        states[self.rank] = state["deepspeed"]
         self.ds.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)

@@ -26,6 +26,7 @@ writes checkpoints.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -75,8 +76,10 @@ def reduce_step(loss: torch.Tensor, update: GPUpdate) -> tuple[float | None, lis
     loss's mean over the ranks (None if it is not finite on some rank) and the sums."""
     value = loss.detach().float().reshape(1).clone()
     sums = update.reduced_gradient_sums(extra=value)
+    # the step's one host sync: every rank reads the same verdict (a NaN on any rank makes
+    # the mean NaN) before anything is stepped
     mean = float(value)
-    return (mean if torch.isfinite(value).all() else None), sums
+    return (mean if math.isfinite(mean) else None), sums
 
 
 def copy_lr(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> None:

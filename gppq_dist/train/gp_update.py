@@ -81,8 +81,8 @@ class GPUpdate:
         if extra is not None:
             sums.append(extra.detach().reshape(-1).to(torch.float32))
         flat = torch.cat(sums)
+        self.reducer.all_reduce_sum(flat)  # also at world size 1 under a launcher (exercised, exact)
         if self.reducer.world_size > 1:
-            self.reducer.all_reduce_sum(flat)
             flat /= self.reducer.world_size
         parts = list(flat.split([s.numel() for s in sums]))
         if extra is not None:

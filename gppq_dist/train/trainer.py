@@ -38,8 +38,10 @@ from torch import nn
 from gppq_dist.artifact import write_artifact
 from gppq_dist.compress import artifact_info, cluster, load_model, plan_for
 from gppq_dist.config import RunConfig
-from gppq_dist.data.loaders import build_loader, checked_samples
-from gppq_dist.distributed import DistContext, gather_to_main, reducer_for, restart_count
+from gppq_dist.data.check import tree_walks
+from gppq_dist.data.loaders import run_loader
+from gppq_dist.data.manifest import Manifest, load_manifest, prepare_manifest
+from gppq_dist.distributed import DistContext, collective_phase, gather_to_main, reducer_for, restart_count
 from gppq_dist.errors import ConfigError, DataError, UserError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # settings that may change between a checkpoint and the run that resumes it (a key, or a
 # whole section ending in ".")
-RESUMABLE_CHANGES = ("name", "output_dir", "train.epochs", "train.checkpoint_every", "data.workers",
+RESUMABLE_CHANGES = ("name", "output_dir", "train.epochs", "train.checkpoint_every", "train.max_steps", "data.workers",
                      "tracking.", "launch.")
 
 
@@ -73,17 +75,19 @@ def broadcast_buffers_(model: nn.Module, reducer) -> None:
         buffer.copy_(value.view_as(buffer))
 
 
-def preflight(cfg: RunConfig, context: DistContext, reducer) -> None:
-    """Check the data on rank 0 first (the check is cached), then let the others through.
+def preflight(cfg: RunConfig, context: DistContext, reducer) -> Manifest:
+    """The run's data, listed once: rank 0 checks the data (cached) and writes the manifest
+    into the run folder (or keeps the one there, on a resume of an unchanged tree), then the
+    other ranks read it and never list the tree themselves.
 
-    Every rank would otherwise decode the whole data set at once on a cold cache. A
-    failure reaches every rank, so none is left waiting in a collective.
+    A failure reaches every rank, so none is left waiting in a collective. Multi-node runs
+    read the manifest from the run folder, which (like the checkpoints) must be on a file
+    system every node sees.
     """
-    ok, error = torch.ones(1), None
+    ok, error, manifest = torch.ones(1, device=context.device), None, None
     if context.is_main:
         try:
-            for split in ("train", "val"):
-                checked_samples(cfg.data, split)
+            manifest = prepare_manifest(cfg.data, cfg.run_dir)
         except DataError as exc:
             ok.zero_()
             error = exc
@@ -91,13 +95,15 @@ def preflight(cfg: RunConfig, context: DistContext, reducer) -> None:
         reducer.broadcast(ok, src=0)
     if error is not None:
         raise error
-    if not ok.item():
+    if not bool(ok):
         raise DataError(f"data check of '{cfg.data.root}' failed on rank 0 (its message says why)")
+    return manifest if manifest is not None else load_manifest(cfg.data, cfg.run_dir)
 
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans, context: DistContext, reducer,
-                state: dict[str, Any] | None) -> Scheme:
-    """The method's scheme, from a checkpoint's ``state`` or fresh (its initial coding)."""
+                state: dict[str, Any] | None, manifest: Manifest) -> Scheme:
+    """The method's scheme, from a checkpoint's ``state`` or fresh (its initial coding);
+    methods that calibrate on train batches read them from ``manifest``'s samples."""
     name = cfg.method.name
     if name == "clipq":
         from gppq_dist.methods.clipq import ClipQScheme
@@ -106,7 +112,7 @@ def make_scheme(cfg: RunConfig, model: nn.Module, plans, context: DistContext, r
     if name == "tsq":
         from gppq_dist.methods.tsq import TSQScheme
 
-        return TSQScheme(model, plans, cfg, context, reducer, state)
+        return TSQScheme(model, plans, cfg, context, reducer, state, manifest)
     two_stage = name == "two_stage_pq"
     codebooks = None
     if state is not None:
@@ -114,7 +120,7 @@ def make_scheme(cfg: RunConfig, model: nn.Module, plans, context: DistContext, r
     elif two_stage:
         from gppq_dist.methods.two_stage import layerwise_pq
 
-        psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer)
+        psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer, manifest)
     else:
         psi = cluster(model, cfg, context).assignments
     # two-stage PQ finetunes the codewords of snapped weights: no pull (mu = 0), and the
@@ -199,25 +205,27 @@ def train(cfg: RunConfig, context: DistContext, resume: bool = False) -> dict[st
 def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any] | None,
            tracker: NullTracker, start: float) -> dict[str, Any]:
     hp = cfg.train
-    preflight(cfg, context, reducer)
-    loader_args = dict(rank=context.rank, world_size=context.world_size,
-                       local_rank=context.local_rank, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, "train", batch_size=hp.batch_size // context.world_size,
-                                **loader_args)
-    val_loader = build_loader(cfg.data, "val", **loader_args)
-    device = train_loader.device
+    manifest = preflight(cfg, context, reducer)
+    train_loader = run_loader(cfg.data, "train", manifest, context, cfg.seed,
+                              batch_size=hp.batch_size // context.world_size)
+    val_loader = run_loader(cfg.data, "val", manifest, context, cfg.seed)
+    device = context.device
     model = load_model(cfg).to(device)
     plans = plan_for(model, cfg)
+    timing: dict[str, float] = {"coding_s": 0.0, "baseline_eval_s": 0.0}
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         baseline, direct = resumed["baseline"], resumed["direct"]
         # checkpoints from before schemes hold G&P's psi at the top level
         state = resumed["scheme"] if "scheme" in resumed else {"psi": resumed["psi"]}
-        scheme = make_scheme(cfg, model, plans, context, reducer, state)
+        scheme = make_scheme(cfg, model, plans, context, reducer, state, manifest)
     else:
+        began = time.perf_counter()
         baseline = evaluate(model, val_loader, device, "baseline val", reducer)
-        scheme = make_scheme(cfg, model, plans, context, reducer, None)
+        timing["baseline_eval_s"] = time.perf_counter() - began
+        scheme = make_scheme(cfg, model, plans, context, reducer, None, manifest)
         direct = evaluate(scheme.quantized_copy(), val_loader, device, f"{scheme.start_label} val", reducer)
+        timing["coding_s"] = time.perf_counter() - began - timing["baseline_eval_s"]
         log.info("baseline top-1 %.2f%%, %s top-1 %.2f%%, Gamma %.3e", baseline["top1"],
                  scheme.start_label, direct["top1"], scheme.gamma())
     update = scheme.update
@@ -287,13 +295,15 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
             engine.model.train()
             epoch_start, done_here = time.perf_counter(), 0
             for images, labels in train_loader:
-                images, labels = images.to(device), labels.to(device)
-                scheme.before_forward()
-                with autocast:
-                    loss = nn.functional.cross_entropy(engine.forward(images), labels)
-                engine.backward(loss)
-                scheme.after_backward()
-                mean = engine.step(loss)
+                step_began = time.perf_counter()
+                with collective_phase("step"):
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    scheme.before_forward()
+                    with autocast:
+                        loss = nn.functional.cross_entropy(engine.forward(images), labels)
+                    engine.backward(loss)
+                    scheme.after_backward()
+                    mean = engine.step(loss)  # its float is the step's one host sync
                 batch += 1
                 global_step += 1
                 if mean is None:
@@ -308,14 +318,20 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                 loss_sum += mean
                 done_here += 1
                 now = time.perf_counter()
+                if "first_step_unix" not in timing:
+                    timing["first_step_unix"] = time.time()
                 if bar.active and now - shown > 1.0:  # Gamma for the bar, at most once a second
                     gamma, shown = scheme.gamma(), now
                 rate = done_here * images_per_step / max(now - epoch_start, 1e-9)
                 bar(1, status=f"epoch {epoch}/{epochs} loss {mean:.3f} Gamma {gamma:.2e} {rate:.0f} img/s")
                 if global_step % cfg.tracking.log_every == 0:
                     tracker.log_step(global_step, mean, engine.optimizer.param_groups[0]["lr"], rate)
+                # the step as the ranks wait for it: tracking included, checkpoints not
+                timing["train_loop_s"] = timing.get("train_loop_s", 0.0) + time.perf_counter() - step_began
                 if hp.checkpoint_every and global_step % hp.checkpoint_every == 0 and batch < steps:
                     save(epoch_done=False)
+                if hp.max_steps and global_step >= hp.max_steps:
+                    break
             # DDP syncs BN statistics at the start of a forward pass, so after the last step
             # each rank still holds its own: take rank 0's, which the artifact will hold.
             broadcast_buffers_(model, reducer)
@@ -338,6 +354,9 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                      epoch, epochs, record["train_loss"], record["top1_quantized"], record["top1_raw"],
                      record["gamma"], record["lr"])
             epoch, batch, loss_sum = epoch + 1, 0, 0.0
+            if hp.max_steps and global_step >= hp.max_steps:
+                log.info("train.max_steps = %d reached: the run ends after epoch %d", hp.max_steps, epoch - 1)
+                break
 
     artifact = scheme.artifact(artifact_info(cfg, scheme.gamma(), {"method": cfg.method.name}))
     last = history[-1] if history else {"top1_quantized": direct["top1"], "top1_raw": baseline["top1"],
@@ -359,6 +378,9 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
         "engine": hp.engine,
         "precision": hp.precision,
         "resumed_from": resumed["path"] if resumed is not None else None,
+        "device": str(device),
+        "timing": timing,
+        "tree_walks": gather_to_main(tree_walks(), context),
         "history": history,
     }
     if context.is_main:

@@ -47,7 +47,9 @@ def test_two_stage_pq_keeps_weights_quantized_and_ships_what_it_scored(tmp_path,
     first, last = states[-1]["model"], states[0]["model"]  # oldest kept, newest
     moved = any(not torch.equal(first[f"{p.name}.weight"], last[f"{p.name}.weight"]) for p in plans)
     assert moved
-    assert summary["top1_raw"] == summary["top1_quantized"]  # raw weights are the quantized ones
+    # the raw weights are the codewords in fp32, the scored copy holds them in fp16 as stored:
+    # the two agree within one image
+    assert summary["top1_raw"] == pytest.approx(summary["top1_quantized"], abs=100 / 359 + 1e-9)
     scored = evaluate(rebuild_model(read_artifact(summary["artifact"])), build_loader(cfg.data, "val"))
     assert scored["top1"] == pytest.approx(summary["top1_quantized"], abs=100 / 359 + 1e-9)
     assert summary["file_bytes"] <= summary["size_mb"] * 2**20 * 1.01 + 64 * 1024
