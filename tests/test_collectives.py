@@ -55,7 +55,7 @@ def recorded(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("collectives")
     write_synthetic(root / "data", classes=4, per_class=24, size=(32, 32), val_per_class=4)
-    common = dict(model={"arch": "resnet18", "num_classes": 4, "weights": "random"},
+    common = dict(model={"arch": "resnet18", "num_classes": 4, "weights": "random"}, kmeans={"iterations": 1},
                   tracking={"enabled": False}, data={"root": str(root / "data"), "batch_size": 16},
                   train={"epochs": 1, "batch_size": 32, "checkpoint_every": 0})
     configs = {

@@ -97,6 +97,11 @@ HTTP_LIMITS = {
 SENDER_ENV = {**HTTP_LIMITS, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 QUEUE_LIMIT = 1000  # MLflow sends waiting for the sender thread; one more is dropped (the journal keeps it)
 DRAIN_TIMEOUT_S = 30.0  # how long end() waits for the sender to empty the queue and close the run
+# After a send arrives, the sender waits this long for more before sending (the run's end
+# cuts it short): the server gets one request per few seconds, not one per logged step. A
+# tracking server on a node's own cores (or a busy shared one) otherwise spends CPU per
+# request that the training then lacks (measured: benchmarks/tracking_overhead.py).
+GATHER_S = 5.0
 MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request (mlflow.utils.validation)
 QUIET_LOGGERS = {"urllib3": logging.ERROR, "mlflow": logging.WARNING, "alembic": logging.WARNING}
 _VALID_NAME = re.compile(r"[/\w.\- :]+")  # what MLflow accepts as a param or metric name
@@ -314,9 +319,13 @@ class Outbox:
             self._closed = True
             self._ready.notify()
 
-    def take(self) -> list[tuple]:
+    def take(self, gather_s: float = 0.0) -> list[tuple]:
+        """All queued sends, once there is one and then ``gather_s`` seconds more have passed
+        (or the queue was closed: the run's end is sent at once)."""
         with self._ready:
             self._ready.wait_for(lambda: self._items)
+            if gather_s > 0:
+                self._ready.wait_for(lambda: self._closed, timeout=gather_s)
             items = list(self._items)
             self._items.clear()
             return items
@@ -376,13 +385,14 @@ class Tracker(NullTracker):
 
     Used as a context manager, a run that raises ends as FAILED (KILLED on Ctrl-C).
     ``queue_limit`` and ``drain_timeout_s`` bound the sender's queue and :meth:`end`'s wait
-    (defaults :data:`QUEUE_LIMIT`, :data:`DRAIN_TIMEOUT_S`).
+    (defaults :data:`QUEUE_LIMIT`, :data:`DRAIN_TIMEOUT_S`); ``gather_s`` is how long the
+    sender collects sends before each request (default :data:`GATHER_S`).
     """
 
     def __init__(self, cfg: RunConfig, *, world_size: int = 1, resumed: bool = False,
                  run_dir: str | Path | None = None, method: str | None = None,
                  workdir: str | Path | None = None, queue_limit: int = QUEUE_LIMIT,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, gather_s: float = GATHER_S) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run_dir)
         self.journal_path = self.run_dir / JOURNAL
         self.uri = resolve_uri(cfg.tracking.uri)
@@ -391,6 +401,7 @@ class Tracker(NullTracker):
         self.run_id = None
         self.ended = False
         self.drain_timeout_s = drain_timeout_s
+        self.gather_s = gather_s
         self._warned = False
         self._warn_lock = threading.Lock()
         self._outbox = Outbox(queue_limit)
@@ -450,7 +461,7 @@ class Tracker(NullTracker):
         """The sender thread: everything queued, joined into batches, in order, until the end."""
         try:
             while True:
-                for item in coalesce(self._outbox.take()):
+                for item in coalesce(self._outbox.take(self.gather_s)):
                     if self._abandoned.is_set() or self.client is None:
                         return
                     if not self._send(item) or item[0] == "end":

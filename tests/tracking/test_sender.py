@@ -80,7 +80,7 @@ def warnings_in(caplog):
 def test_step_calls_return_while_the_server_holds_the_request(mlflow_server, tmp_path):
     with DelayingProxy(mlflow_server.port) as proxy:
         cfg = tiny_config(tmp_path, "held", uri=proxy.url, experiment="held")
-        tracker = Tracker(cfg)
+        tracker = Tracker(cfg, gather_s=0)  # one request per send, to hold the first one
         sender = sender_of(tracker)
         assert sender.daemon
         batches_before = proxy.requests_to("/runs/log-batch")
@@ -138,7 +138,7 @@ def test_a_resumed_run_behind_a_slow_server_ends_with_the_store_holding_the_jour
 def test_a_full_queue_drops_sends_and_the_end_uploads_them_from_the_journal(mlflow_server, tmp_path):
     with DelayingProxy(mlflow_server.port) as proxy:
         cfg = tiny_config(tmp_path, "full", uri=proxy.url, experiment="full")
-        tracker = Tracker(cfg, queue_limit=5)
+        tracker = Tracker(cfg, queue_limit=5, gather_s=0)
         hold_first_send(proxy, tracker)
         returns_while_held(proxy, lambda: log_steps(tracker, range(2, 22)))  # 5 wait in the queue, 15 find it full
         assert tracker.dropped == 15 * 3
@@ -156,7 +156,7 @@ def test_a_full_queue_drops_sends_and_the_end_uploads_them_from_the_journal(mlfl
 def test_end_waits_a_bounded_time_and_sync_uploads_what_the_server_did_not_take(mlflow_server, tmp_path, caplog):
     with DelayingProxy(mlflow_server.port) as proxy:
         cfg = tiny_config(tmp_path, "bounded", uri=proxy.url, experiment="bounded")
-        tracker = Tracker(cfg, drain_timeout_s=0.5)
+        tracker = Tracker(cfg, drain_timeout_s=0.5, gather_s=0)
         sender = sender_of(tracker)
         hold_first_send(proxy, tracker)
         returns_while_held(proxy, lambda: log_steps(tracker, range(2, 11)))
@@ -184,7 +184,7 @@ def test_a_server_lost_mid_run_costs_one_warning_and_the_journal_goes_on(mlflow_
     proxy = DelayingProxy(mlflow_server.port)
     cfg = tiny_config(tmp_path, "lost", uri=proxy.url, experiment="lost")
     with caplog.at_level(logging.WARNING):
-        tracker = Tracker(cfg)
+        tracker = Tracker(cfg, gather_s=0)
         sender = sender_of(tracker)
         tracker.log_step(1, 1.0, 0.01, 100.0)
         proxy.close()  # the server is gone: connections cut, new ones refused
@@ -219,3 +219,16 @@ def test_the_outbox_drops_when_full_and_always_takes_the_end():
     outbox.close(("end", "FINISHED", 0))
     assert not outbox.put(("metrics", [6]), 1)  # nothing after the end
     assert outbox.take() == [("metrics", [1, 2, 3]), ("artifact", "a"), ("end", "FINISHED", 0)]
+
+
+def test_the_outbox_gathers_sends_for_one_request_and_the_end_cuts_the_wait_short():
+    outbox = Outbox(limit=10)
+    outbox.put(("metrics", [1]), 1)
+    taken: list = []
+    taker = threading.Thread(target=lambda: taken.extend(outbox.take(gather_s=60)))
+    taker.start()
+    outbox.put(("metrics", [2]), 1)  # within the gather window: the same request
+    outbox.close(("end", "FINISHED", 0))  # the run's end: no waiting out the 60 s
+    taker.join(timeout=20)
+    assert not taker.is_alive()
+    assert taken == [("metrics", [1]), ("metrics", [2]), ("end", "FINISHED", 0)]

@@ -90,27 +90,36 @@ def resume_mid_epoch_and_compare(tmp_path, config, name, *extra):
     assert_same_model(finished, run / "gppq.gppq")
 
 
-def test_train_one_process_and_resume_mid_epoch(tmp_path, digits_dir):
-    config = digits_config(tmp_path, digits_dir, "one")
-    result = gppq("train", "--config", config, check=True)
-    summary = check_run(tmp_path, "one")
+@pytest.fixture(scope="module")
+def one_reference(tmp_path_factory, digits_dir):
+    """An uninterrupted 1-process run of 2 epochs: (its folder, the train command's output).
+    Its mid-epoch checkpoints change nothing, so it is also the straight run that the
+    resumed ones below must equal."""
+    folder = tmp_path_factory.mktemp("one_reference")
+    result = gppq("train", "--config", digits_config(folder, digits_dir, "one"), check=True)
+    return folder, result
+
+
+def test_train_one_process_and_resume_mid_epoch(one_reference, tmp_path, digits_dir):
+    folder, result = one_reference
+    summary = check_run(folder, "one")
     assert summary["world_size"] == 1 and summary["epochs"] == 2
     assert "top-1" in result.stdout
-    state = torch.load(checkpoint.saved(tmp_path / "runs" / "one")[1], weights_only=True)
+    state = torch.load(checkpoint.saved(folder / "runs" / "one")[1], weights_only=True)
     assert (state["epoch"], state["batch"], state["epoch_done"]) == (2, 18, False)
-    resume_mid_epoch_and_compare(tmp_path, config, "one")
+    shutil.copytree(folder / "runs", tmp_path / "runs")  # a copy to cut back and resume
+    resume_mid_epoch_and_compare(tmp_path, digits_config(tmp_path, digits_dir, "one"), "one")
 
 
-def test_resume_after_an_epoch_with_more_epochs(tmp_path, digits_dir):
-    straight = digits_config(tmp_path, digits_dir, "straight", checkpoint_every=0)
-    gppq("train", "--config", straight, check=True)
+def test_resume_after_an_epoch_with_more_epochs(one_reference, tmp_path, digits_dir):
+    straight, _ = one_reference
     split = digits_config(tmp_path, digits_dir, "split", checkpoint_every=0)
     gppq("train", "--config", split, "--set", "train.epochs=1", check=True)  # "interrupted" after epoch 1
     assert [p.name for p in checkpoint.saved(tmp_path / "runs" / "split")] == ["step_00000022.pt"]
     resumed = gppq("train", "--config", split, "--resume", "auto", check=True)
     assert "resuming from" in resumed.stderr
-    assert_same_model(tmp_path / "runs" / "straight" / "gppq.gppq", tmp_path / "runs" / "split" / "gppq.gppq")
-    assert summary_of(tmp_path, "straight")["history"] == summary_of(tmp_path, "split")["history"]
+    assert_same_model(straight / "runs" / "one" / "gppq.gppq", tmp_path / "runs" / "split" / "gppq.gppq")
+    assert summary_of(straight, "one")["history"] == summary_of(tmp_path, "split")["history"]
 
     # a damaged newest checkpoint: the one before is used
     folder = checkpoint.checkpoint_dir(tmp_path / "runs" / "split")
