@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,53 @@ def digits_dir(tmp_path_factory) -> Path:
 def torchrun() -> str:
     path = Path(sys.executable).parent / "torchrun"
     return str(path) if path.exists() else shutil.which("torchrun")
+
+
+# One uninterrupted 2-rank run, shared by the launch and training tests: SLURM runs
+# (interrupted or not), torchrun restarts, a c10d rendezvous, resumes and DeepSpeed must
+# reproduce it bit for bit. Digits: 1,438 train images, batch 64 -> 22 steps per epoch;
+# 2 epochs, a checkpoint every 5 steps, k-means of 3 iterations.
+STEPS_PER_EPOCH = 22
+TIMEOUT_MIN = "20"  # >= 15: submitit reads a signal within min(0.8 T, T - 10 min) as a preemption
+
+
+def launch_config(directory: Path, digits_dir: Path, name: str, **train) -> Path:
+    """A tiny digits run with its outputs, submitit logs and MLflow store in ``directory``."""
+    return write_config(
+        directory, name=name,
+        data={"root": str(digits_dir), "crop_scale": [0.6, 1.0], "horizontal_flip": False},
+        kmeans={"iterations": 3},
+        train={"epochs": 2, "batch_size": 64, "lr": 0.01, "mu": 0.5, "checkpoint_every": 5, **train},
+        tracking={"uri": f"sqlite:///{directory / 'mlflow.db'}", "experiment": "launch-tests"},
+        launch={"folder": str(directory / "submitit"), "timeout_min": int(TIMEOUT_MIN)},
+    )
+
+
+def summary_of(directory: Path, name: str) -> dict:
+    return json.loads((directory / "runs" / name / "summary.json").read_text())
+
+
+@dataclass
+class Reference:
+    directory: Path
+    stdout: str
+    stderr: str
+    returncode: int
+
+    @property
+    def artifact(self) -> Path:
+        return self.directory / "runs" / "reference" / "gppq.gppq"
+
+    @property
+    def summary(self) -> dict:
+        return summary_of(self.directory, "reference")
+
+
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory, digits_dir) -> Reference:
+    """The 2-task run through submitit's LocalExecutor (`gppq submit --cluster local`)."""
+    directory = tmp_path_factory.mktemp("local")
+    config = launch_config(directory, digits_dir, "reference")
+    result = gppq("submit", "--config", config, "--cluster", "local", "--cpu-tasks-per-node", "2",
+                  "--timeout-min", TIMEOUT_MIN, "--wait", cwd=directory)
+    return Reference(directory, result.stdout, result.stderr, result.returncode)

@@ -172,27 +172,26 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path, digits_dir):
 # --- two ranks ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digits_dir):
-    """An uninterrupted 2-process run: (its folder, its config)."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = digits_config(folder, digits_dir, "two")
-    gppq("train", "--config", config, "--nproc", "2", check=True)
-    return folder, config
+@pytest.fixture
+def reference(local_reference):
+    """The uninterrupted 2-rank run (``local_reference`` in tests/conftest.py: digits_config's
+    settings, started through submitit's local executor): its folder; the run is "reference"."""
+    assert local_reference.returncode == 0, local_reference.stderr
+    return local_reference.directory
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(1500)  # a whole 2-rank run (or two) on 2 busy cores
 def test_train_two_processes_and_resume_mid_epoch(reference, tmp_path, digits_dir):
-    folder, _ = reference
-    summary = check_run(folder, "two")
+    folder = reference
+    summary = check_run(folder, "reference")
     assert summary["world_size"] == 2
     # resuming restores each rank's DALI position: a copy of the run, cut back to step 40
     shutil.copytree(folder / "runs", tmp_path / "runs")
-    config = digits_config(tmp_path, digits_dir, "two")
-    state = torch.load(checkpoint.saved(tmp_path / "runs" / "two")[1], weights_only=True)
+    config = digits_config(tmp_path, digits_dir, "reference")
+    state = torch.load(checkpoint.saved(tmp_path / "runs" / "reference")[1], weights_only=True)
     assert len(state["loader"]) == 2 and all(state["loader"])  # one DALI checkpoint per rank
-    resume_mid_epoch_and_compare(tmp_path, config, "two", "--nproc", "2")
+    resume_mid_epoch_and_compare(tmp_path, config, "reference", "--nproc", "2")
 
 
 def wait_until(condition, timeout, what):
@@ -235,7 +234,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_finishes_identically
     assert launcher.returncode == 0, err
     assert killed_at >= 1 and "torchrun restart 1: resuming" in err and "resuming from" in err
     assert summary_of(tmp_path, "two")["resumed_from"] is not None
-    assert_same_model(reference[0] / "runs" / "two" / "gppq.gppq", run / "gppq.gppq")
+    assert_same_model(reference / "runs" / "reference" / "gppq.gppq", run / "gppq.gppq")
 
 
 @pytest.mark.distributed
@@ -261,7 +260,7 @@ def test_two_torchrun_agents_meet_through_a_c10d_rendezvous(reference, tmp_path,
         assert agent.returncode == 0, err
     summary = summary_of(tmp_path, "two")
     assert summary["world_size"] == 2
-    assert_same_model(reference[0] / "runs" / "two" / "gppq.gppq", tmp_path / "runs" / "two" / "gppq.gppq")
+    assert_same_model(reference / "runs" / "reference" / "gppq.gppq", tmp_path / "runs" / "two" / "gppq.gppq")
 
 
 @pytest.mark.distributed
@@ -272,10 +271,10 @@ def test_deepspeed_zero2_trains_as_ddp_does_and_resumes_bit_identically(referenc
     gppq("train", "--config", config, "--nproc", "2", check=True)
     summary = summary_of(tmp_path, "two")
     assert summary["engine"] == "deepspeed" and summary["world_size"] == 2
-    ddp = summary_of(reference[0], "two")
+    ddp = summary_of(reference, "reference")
     # the same update: on 2 ranks every reduction is a sum of two fp32 numbers (order-free),
     # so DeepSpeed's reduce-scatter ends where DDP's all-reduce does, bit for bit
-    assert_same_model(reference[0] / "runs" / "two" / "gppq.gppq", tmp_path / "runs" / "two" / "gppq.gppq")
+    assert_same_model(reference / "runs" / "reference" / "gppq.gppq", tmp_path / "runs" / "two" / "gppq.gppq")
     assert summary["history"] == ddp["history"]
     state = torch.load(checkpoint.saved(tmp_path / "runs" / "two")[1], weights_only=True)
     assert isinstance(state["engine"], list) and len(state["engine"]) == 2  # one ZeRO partition per rank
