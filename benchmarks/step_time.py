@@ -3,15 +3,19 @@
 ResNet-18 (torchvision, 1000 classes, built by ``build_model``), one process on the CPU,
 a fixed seeded batch of random images and labels, the ResNet-18 small-block regime of
 ``configs/resnet18_small_blocks.yaml`` (planned by ``plan_layers``; psi from a few
-``kmeans_many`` iterations on the model's weights: setup, not timed). Two copies of the
-model start from the same weights, one per kind of step, each with its own optimizer
-(SGD: momentum 0.9, weight decay 1e-8, the config's lr):
+``kmeans_many`` iterations on the model's weights: setup, not timed). Copies of the model
+start from the same weights, one per kind of step, each with its own optimizer (SGD:
+momentum 0.9, weight decay 1e-8, the config's lr):
 
 - plain: forward, cross-entropy, backward, ``optimizer.step()``, ``zero_grad``;
-- G&P (the trainer's step): the same through ``DDPEngine(distributed=False)``, whose
-  ``step`` takes the codeword gradient sums (``GPUpdate.reduced_gradient_sums``, the loss
-  riding along) and steps the quantized weights with ``GPSGD`` (eq. 6 folded into SGD),
-  the rest with plain SGD;
+- G&P (the trainer's step): the model reparametrized by ``reparam.attach_gp`` (each
+  quantized weight rebuilt as ``C[psi] + alpha * R0`` in the forward pass, its K x d
+  codewords the trainable parameter), stepped through ``DDPEngine(distributed=False,
+  LocalReducer())``: the loss verdict, then one ``torch.optim.SGD`` over every trainable
+  parameter, with ``reparam.recursion_hook`` advancing the residual's scalar recursion;
+- G&P closed form (former trainer's step): dense weights, then the codeword gradient sums
+  (``GPUpdate.reduced_gradient_sums``, the loss riding along) stepped by ``GPSGD`` (eq. 6
+  folded into SGD, writing ``W = C[psi] + alpha * R0``), plain SGD for the rest;
 - G&P generic: ``GPUpdate.transform_gradients_`` (eq. 6 written into ``.grad``), then a
   plain ``torch.optim.SGD`` over all parameters: the path any torch optimizer can take.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -45,7 +50,8 @@ from torch import nn
 
 from gppq_dist.config import load_config
 from gppq_dist.models import build_model
-from gppq_dist.pq.kmeans import kmeans_many
+from gppq_dist.pq import reparam
+from gppq_dist.pq.kmeans import LocalReducer, kmeans_many
 from gppq_dist.pq.plan import plan_layers
 from gppq_dist.train.engine import DDPEngine, sgd
 from gppq_dist.train.gp_update import GPUpdate
@@ -89,15 +95,16 @@ def measure(
     kmeans_iterations: int = 3,
     seed: int = 0,
 ) -> dict:
-    """Time the three kinds of step (module docstring) on ``device``; returns ``times`` (per
-    kind, every timed step in seconds), ``ms`` (median per kind), ``ratio`` (G&P / plain),
-    ``pair_ratios`` and what the report says about the setup."""
+    """Time the four kinds of step (module docstring) on ``device``; returns ``times`` (per
+    kind, every timed step in seconds), ``ms`` (median per kind), ``ratio`` (G&P, the
+    trainer's step, / plain), ``pair_ratios`` and what the report says about the setup."""
     device = torch.device(device)
     cfg = load_config(config)
     hp = cfg.train
     torch.manual_seed(seed)
     plain_model = build_model(cfg.model.arch, cfg.model.num_classes).to(device)
     gp_model = copy.deepcopy(plain_model)
+    closed_model = copy.deepcopy(plain_model)
     generic_model = copy.deepcopy(plain_model)
     plans = plan_layers(gp_model, cfg.quantization)
     clock = _timer(device)
@@ -115,11 +122,19 @@ def measure(
     )
     assignments = {p.name: r.assignments for p, r in zip(plans, results)}
     setup_s = clock() - setup_start
-    engine = DDPEngine(gp_model, GPUpdate(gp_model, plans, assignments, mu=hp.mu), hp, distributed=False)
+    # the trainer's order: reparametrize, build the engine (its SGD), hook the recursion on
+    layers = reparam.attach_gp(gp_model, plans, assignments, hp.mu)
+    engine = DDPEngine(gp_model, hp, distributed=False, reducer=LocalReducer())
+    reparam.recursion_hook(engine.optimizer, layers)
+    # the former trainer's step: GPSGD for the quantized weights, SGD for the rest
+    closed_update = GPUpdate(closed_model, plans, assignments, mu=hp.mu)
+    closed_optimizer = closed_update.sgd(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    quantized = {id(weight) for weight in closed_update.weights}
+    closed_rest = sgd([p for p in closed_model.parameters() if id(p) not in quantized], hp)
     generic_update = GPUpdate(generic_model, plans, assignments, mu=hp.mu)
     generic_optimizer = sgd(generic_model.parameters(), hp)
     plain_optimizer = sgd(plain_model.parameters(), hp)
-    for model in (plain_model, gp_model, generic_model):
+    for model in (plain_model, gp_model, closed_model, generic_model):
         model.train()
 
     generator = torch.Generator().manual_seed(seed)
@@ -139,6 +154,18 @@ def measure(
         if engine.step(loss) is None:
             raise RuntimeError("G&P step skipped: loss not finite")
 
+    def closed_step() -> None:
+        loss = criterion(closed_model(images), labels)
+        loss.backward()
+        value = loss.detach().float().reshape(1).clone()
+        sums = closed_update.reduced_gradient_sums(extra=value)
+        if not math.isfinite(float(value)):
+            raise RuntimeError("G&P closed-form step skipped: loss not finite")
+        closed_optimizer.step(sums)
+        closed_rest.step()
+        closed_optimizer.zero_grad(set_to_none=True)
+        closed_rest.zero_grad(set_to_none=True)
+
     def generic_step() -> None:
         loss = criterion(generic_model(images), labels)
         loss.backward()
@@ -146,7 +173,7 @@ def measure(
         generic_optimizer.step()
         generic_optimizer.zero_grad(set_to_none=True)
 
-    kinds = {"plain": plain_step, "G&P": gp_step, "G&P generic": generic_step}
+    kinds = {"plain": plain_step, "G&P": gp_step, "G&P closed form": closed_step, "G&P generic": generic_step}
     times: dict[str, list[float]] = {name: [] for name in kinds}
     pair_ratios: dict[str, list[float]] = {name: [] for name in kinds if name != "plain"}
     load_before = os.getloadavg()[0]
@@ -177,7 +204,8 @@ def measure(
         "kmeans_iterations": kmeans_iterations,
         "layers": len(plans),
         "quantized": sum(torch.Size(p.shape).numel() for p in plans),
-        "total": sum(p.numel() for p in gp_model.parameters()),
+        "total": sum(p.numel() for p in plain_model.parameters()),
+        "trained": sum(p.numel() for p in engine.optimizer.param_groups[0]["params"]),
         "subvectors": sum(p.n_subvectors for p in plans),
         "setup_s": setup_s,
         "times": times,
@@ -214,8 +242,9 @@ def main() -> None:
         f"{result['arch']} ({result['num_classes']} classes), batch {args.batch} x 3 x {args.size} x {args.size}, "
         f"CPU, 1 process, {torch.get_num_threads()} torch threads; regime {Path(args.config).stem}: "
         f"{result['layers']} quantized layers, {result['quantized']:,} of {result['total']:,} parameters, "
-        f"{result['subvectors']:,} subvectors; psi from {args.kmeans_iterations} k-means "
-        f"iterations ({result['setup_s']:.1f} s, not timed); mu={result['mu']}",
+        f"{result['subvectors']:,} subvectors (the trainer's SGD steps {result['trained']:,} parameters); "
+        f"psi from {args.kmeans_iterations} k-means iterations ({result['setup_s']:.1f} s, not timed); "
+        f"mu={result['mu']}",
         f"median of {args.repeats} x {args.steps} steps of each kind, blocks interleaved, "
         f"{args.warmup} warm-up steps each; goal: G&P / plain <= {GOAL:.2f}x "
         f"({'met' if ratio <= GOAL else 'NOT met'})",
@@ -223,7 +252,10 @@ def main() -> None:
         "| step | ms/step | ratio |",
         "|---|---:|---:|",
         f"| plain (forward, cross-entropy, backward, SGD, zero_grad) | {ms['plain']:.1f} | 1.00x |",
-        f"| G&P, the trainer's step (codeword sums + GPSGD, SGD for the rest) | {ms['G&P']:.1f} | {ratio:.3f}x |",
+        f"| G&P, the trainer's step (weights from K x d codewords, one torch SGD, recursion hook) | "
+        f"{ms['G&P']:.1f} | {ratio:.3f}x |",
+        f"| G&P closed form, the former trainer's step (codeword sums + GPSGD, SGD for the rest) | "
+        f"{ms['G&P closed form']:.1f} | {ms['G&P closed form'] / ms['plain']:.3f}x |",
         f"| G&P generic (eq. 6 into .grad, then torch SGD) | {ms['G&P generic']:.1f} | "
         f"{ms['G&P generic'] / ms['plain']:.3f}x |",
         "",
@@ -235,7 +267,7 @@ def main() -> None:
         ),
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
         f"{cores} cores available ({cpu_model()}); 1-min load average {result['load_before']:.2f} before, "
-        f"{os.getloadavg()[0]:.2f} after (other processes on the cores skew both kinds of step)",
+        f"{os.getloadavg()[0]:.2f} after (other processes on the cores skew every kind of step)",
     ]
     text = "\n".join(lines)
     print(text)

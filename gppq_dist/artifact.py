@@ -19,7 +19,9 @@ Contents (tensor names):
   ``ternary`` layer's indices are 2-bit sign codes, its codebook one alpha per output row.
 
 Metadata (the safetensors header, strings only): ``format`` = ``gppq``, ``format_version``,
-``payload`` (JSON: architecture, per-layer layout, accounted size, config, preprocessing)
+``payload`` (JSON: architecture, per-layer layout, accounted size, config, preprocessing;
+a model built by ``model.factory`` has ``factory`` and ``factory_kwargs`` beside ``arch``,
+which then holds the factory's name, and :func:`rebuild_model` calls the factory again)
 and ``checksum``: SHA-256 over the payload and every tensor's name, dtype, shape and bytes.
 Reading never unpickles; a truncated, bit-flipped or foreign file is an
 :class:`~gppq_dist.errors.ArtifactError`, never a silently wrong model.
@@ -38,9 +40,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gppq_dist.errors import ArtifactError
+from gppq_dist.errors import ArtifactError, ConfigError
 from gppq_dist.io import atomic_path
-from gppq_dist.models import build_model
+from gppq_dist.models import ModelSpec, create_model, has_transient_buffers
 from gppq_dist.pq.accounting import account
 from gppq_dist.pq.clipq import best_gap_bits, gap_codes, mask_from_gap_codes, pattern_bytes
 from gppq_dist.pq.codec import decode_layer, pack_indices, unpack_indices
@@ -70,6 +72,17 @@ class Artifact:
     info: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # clipq: kept weights (flat bool)
     activations: dict[str, torch.Tensor] = field(default_factory=dict)  # ternary: input quantizer
+    path: Path | None = None  # the file it was read from, for messages
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """How its model is built: the recorded factory and kwargs, else the torchvision arch
+        (every artifact written before factories)."""
+        factory = self.info.get("factory")
+        if factory:
+            return ModelSpec(num_classes=self.num_classes, factory=str(factory),
+                             kwargs=dict(self.info.get("factory_kwargs") or {}))
+        return ModelSpec(num_classes=self.num_classes, arch=self.arch)
 
     @property
     def accounted_bytes(self) -> float:
@@ -257,17 +270,27 @@ def read_artifact(path: str | Path) -> Artifact:
         info=payload,
         masks=masks,
         activations=activations,
+        path=path,
     )
 
 
 def rebuild_model(artifact: Artifact) -> nn.Module:
-    """A plain torchvision ``nn.Module`` (eval mode) computing what the artifact encodes.
+    """A plain ``nn.Module`` (eval mode) computing what the artifact encodes: the torchvision
+    arch, or the recorded factory called again with its kwargs (its package must be
+    importable here).
 
     Each BatchNorm keeps its class but holds the folded vectors: ``weight = scale``,
     ``bias = shift``, ``running_mean = 0``, ``running_var = 1``, ``eps = 0``. A layer with an
     input quantizer (TSQ) gets it as a forward pre-hook.
     """
-    model = build_model(artifact.arch, artifact.num_classes, device="meta").to_empty(device="cpu")
+    spec = artifact.model_spec
+    where = f"artifact '{artifact.path}'" if artifact.path else "artifact"
+    try:
+        model = create_model(spec, device="meta", key=f"{where} was built by model.factory")
+        # buffers computed at construction and kept out of the state dict need a real build
+        model = create_model(spec) if has_transient_buffers(model) else model.to_empty(device="cpu")
+    except ConfigError as exc:
+        raise ArtifactError(str(exc)) from None
     state = {_weight_name(p.name): artifact.decoded_weight(p.name) for p in artifact.layers}
     state.update(artifact.params)
     state.update(artifact.buffers)
@@ -285,7 +308,7 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"artifact does not fit a {artifact.arch}: {exc}") from None
+        raise ArtifactError(f"{where} does not fit a {spec.label}: {exc}") from None
     modules = dict(model.named_modules())
     for name, values in artifact.activations.items():
         modules[name].register_forward_pre_hook(InputQuantizer.from_tensor(values))

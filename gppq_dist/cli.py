@@ -45,8 +45,8 @@ def _config(path: Path, arch: str | None = None, sets: list[str] | None = None):
     from gppq_dist.config import load_config, parse_overrides
 
     overrides = parse_overrides(sets or [])
-    if arch:
-        overrides["model.arch"] = arch
+    if arch:  # --arch names a torchvision model: it replaces a factory the file may name
+        overrides.update({"model.arch": arch, "model.factory": None, "model.kwargs": {}})
     return load_config(path, overrides)
 
 
@@ -65,16 +65,17 @@ def size(
     model (--arch); the model is built on the meta device, so it needs no weights file (a
     torchvision weights name is checked, not read) and no data."""
     from gppq_dist.compress import plan_for
-    from gppq_dist.models import build_model
+    from gppq_dist.models import create_model
     from gppq_dist.pq.accounting import account
 
     cfg = _config(config, arch, sets)
-    model = build_model(cfg.model.arch, cfg.model.num_classes, device="meta")
+    model = create_model(cfg.model.spec, device="meta")
     report = account(model, plan_for(model, cfg))
+    label = cfg.model.spec.label
     if as_json:
-        _print_json({"arch": cfg.model.arch, "num_classes": cfg.model.num_classes, **report.to_dict()})
+        _print_json({"arch": label, "num_classes": cfg.model.num_classes, **report.to_dict()})
         return
-    table = Table(title=f"{cfg.model.arch} ({cfg.name}, {cfg.method.name}): accounted size")
+    table = Table(title=f"{label} ({cfg.name}, {cfg.method.name}): accounted size")
     # CLIP-Q's sparsity pattern (estimated before training), TSQ's input quantizers
     side = any(cost.pattern_bytes or cost.activation_bytes for cost in report.layers)
     columns = ["layer", "shape", "d", "K", "subvectors", "indices", "index bits", "index B", "codebook B"]

@@ -25,7 +25,7 @@ from gppq_dist.artifact import build_artifact, write_artifact
 from gppq_dist.config import RunConfig
 from gppq_dist.data.folder import preprocess_info
 from gppq_dist.distributed import DistContext, reducer_for
-from gppq_dist.models import build_model, load_weights
+from gppq_dist.models import create_model, load_weights
 from gppq_dist.pq.kmeans import kmeans_many
 from gppq_dist.pq.plan import LayerPlan, plan_layers
 from gppq_dist.pq.subvectors import to_subvectors
@@ -55,25 +55,28 @@ class Compressed:
         return sum(self.errors) / max(1, len(self.errors))
 
 
-def kmeans_options(cfg: RunConfig, context: DistContext) -> dict[str, Any]:
-    return dict(iterations=cfg.kmeans.iterations, seed=cfg.kmeans.seed, reducer=reducer_for(context),
+def kmeans_options(cfg: RunConfig, context: DistContext, reducer=None) -> dict[str, Any]:
+    """The k-means settings of ``cfg``; its collectives through ``reducer`` (default: the
+    context's process group, or none)."""
+    return dict(iterations=cfg.kmeans.iterations, seed=cfg.kmeans.seed, reducer=reducer or reducer_for(context),
                 kernel=cfg.kmeans.kernel, init_sample=cfg.kmeans.init_sample, chunk_mb=cfg.kmeans.chunk_mb)
 
 
 def load_model(cfg: RunConfig, weights: str | None = None) -> nn.Module:
-    """The config's model with ``weights`` (or ``model.weights``): a file or ``random``."""
+    """The config's model (``model.arch`` or ``model.factory``) with ``weights`` (or
+    ``model.weights``): a file, torchvision weights of the arch by name, or ``random``."""
     source = weights or cfg.model.weights
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    model = create_model(cfg.model.spec)
     if source != "random":
         load_weights(model, source, key="--weights" if weights else "model.weights")
     return model.eval()
 
 
-def cluster(model: nn.Module, cfg: RunConfig, context: DistContext) -> Compressed:
+def cluster(model: nn.Module, cfg: RunConfig, context: DistContext, reducer=None) -> Compressed:
     """Plan the layers and run the (distributed) k-means of all of them in lockstep (PQ with
     one joint codebook per layer, the start of G&P PQ)."""
-    return code_model(model, cfg, context, codec="pq")
+    return code_model(model, cfg, context, codec="pq", reducer=reducer)
 
 
 def plan_for(model: nn.Module, cfg: RunConfig, codec: str | None = None) -> list[LayerPlan]:
@@ -87,7 +90,8 @@ def plan_for(model: nn.Module, cfg: RunConfig, codec: str | None = None) -> list
     return plans
 
 
-def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: str | None = None) -> Compressed:
+def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: str | None = None,
+               reducer=None) -> Compressed:
     """Code every planned layer with ``codec`` (default: the config method's), k-means of all
     layers in lockstep and sharded over the ranks."""
     if codec is None and cfg.method.name in TRAINED_CODECS:
@@ -96,7 +100,7 @@ def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: st
     codec = plans[0].codec if plans else "pq"
     modules = dict(model.named_modules())
     weights = [modules[plan.name].weight.detach().to(context.device) for plan in plans]
-    options = kmeans_options(cfg, context)
+    options = kmeans_options(cfg, context, reducer)
     start = time.perf_counter()
     if codec == "pq":
         results = kmeans_many([to_subvectors(w, p.d) for w, p in zip(weights, plans)], [p.k for p in plans],
@@ -116,8 +120,13 @@ def code_model(model: nn.Module, cfg: RunConfig, context: DistContext, codec: st
 
 
 def artifact_info(cfg: RunConfig, gamma: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The artifact's payload: what rebuilds the model (``arch``, or ``factory`` with its
+    ``factory_kwargs``; ``arch`` is then the factory's name), how it was made, the config."""
+    model = cfg.model.model_dump(mode="json")
+    recipe = {"factory": model["factory"], "factory_kwargs": model["kwargs"]} if cfg.model.factory else {}
     return {
-        "arch": cfg.model.arch,
+        "arch": cfg.model.spec.label,
+        **recipe,
         "num_classes": cfg.model.num_classes,
         "method": cfg.method.name if cfg.method.name in UNTRAINED else "direct_pq",
         "gamma": gamma,

@@ -56,6 +56,12 @@ class LayerQuant(_Strict):
 
 class QuantizationConfig(_Strict):
     skip_first_conv: bool = True
+    on_indivisible: Literal["error", "skip"] = Field(
+        "error",
+        description="a planned layer whose row length (Cin/groups*kh*kw, in_features) its rule's d does not divide, "
+        "e.g. a depthwise 3x3 conv (rows of 9) under d: 4: error (one error naming the layer and the divisors), or "
+        "skip (the layer stays fp32, and one INFO line lists every layer so left)",
+    )
     default: LayerQuant | None = None
     types: dict[str, LayerQuant | None] = Field(default_factory=dict)
     names: dict[str, LayerQuant | None] = Field(default_factory=dict)
@@ -86,14 +92,46 @@ def _regex_keys(mapping: dict[str, Any]) -> dict[str, Any]:
 
 
 class ModelConfig(_Strict):
-    arch: str = Field(description="a torchvision classification model name, e.g. resnet18")
-    num_classes: int = Field(1000, gt=0)
+    """The model: a torchvision ``arch``, or a ``factory`` called with ``kwargs``; exactly one.
+
+    A factory builds models beyond torchvision, e.g. (with timm installed)::
+
+        model:
+          factory: timm:create_model
+          kwargs: {model_name: efficientnet_b0, num_classes: 10}
+          num_classes: 10
+
+    It is imported and called when the model is built, not when the config is read, and it
+    is not passed ``num_classes``: the kwargs must give a model with that many outputs
+    (checked on build when the model ends in a Linear).
+    """
+
+    arch: str | None = Field(
+        None, description="a torchvision classification model name, e.g. resnet18 (or set factory instead)")
+    factory: str | None = Field(
+        None, description="'package.module:function' that returns an nn.Module, called with kwargs, e.g. "
+        "timm:create_model or torchvision.models:mobilenet_v2 (instead of arch)")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of factory; num_classes is not added to them")
+    num_classes: int = Field(1000, gt=0, description="outputs of the model (a factory's kwargs must give as many)")
     weights: str = Field(
         "random",
         description="'random' (seeded init), torchvision weights of the arch by name (IMAGENET1K_V1, "
-        "DEFAULT, ResNet50_Weights.IMAGENET1K_V2, read from torchvision's cache), or a state dict "
-        "file (.safetensors, .pt, .pth)",
+        "DEFAULT, ResNet50_Weights.IMAGENET1K_V2, read from torchvision's cache; arch only), or a state "
+        "dict file (.safetensors, .pt, .pth)",
     )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, factory: str | None) -> str | None:
+        """The form only: importing is left to the build (the config is read where the
+        factory's package may be absent, e.g. by a launcher)."""
+        from gppq_dist.models import FACTORY
+
+        if factory is not None and FACTORY.fullmatch(factory) is None:
+            raise ValueError("expected 'package.module:function', e.g. timm:create_model or "
+                             "torchvision.models:mobilenet_v2")
+        return factory
 
     @field_validator("weights")
     @classmethod
@@ -110,6 +148,30 @@ class ModelConfig(_Strict):
         except UserError as exc:
             raise ValueError(str(exc).removeprefix(": ")) from None
         return weights
+
+    @model_validator(mode="after")
+    def _arch_or_factory(self) -> "ModelConfig":
+        from gppq_dist.models import is_weights_name
+
+        if (self.arch is None) == (self.factory is None):
+            which = "both are set" if self.arch is not None else "neither is set"
+            raise ValueError(f"set exactly one of model.arch (a torchvision model name, e.g. resnet18) and "
+                             f"model.factory ('package.module:function', e.g. timm:create_model); {which}")
+        if self.kwargs and self.factory is None:
+            raise ValueError("model.kwargs are the keyword arguments of model.factory; with model.arch "
+                             "expected no model.kwargs")
+        if self.factory is not None and is_weights_name(self.weights):
+            raise ValueError(f"model.weights: {self.weights!r} names torchvision weights, which exist only for "
+                             "model.arch; with model.factory expected 'random' or a state dict file (.safetensors, "
+                             ".pt, .pth; a file of such a name is written ./NAME)")
+        return self
+
+    @property
+    def spec(self) -> "ModelSpec":
+        """What :func:`gppq_dist.models.create_model` builds."""
+        from gppq_dist.models import ModelSpec
+
+        return ModelSpec(num_classes=self.num_classes, arch=self.arch, factory=self.factory, kwargs=dict(self.kwargs))
 
 
 class KMeansConfig(_Strict):
@@ -168,9 +230,11 @@ class TrainConfig(_Strict):
         "tests, start-up benchmarks); null: train.epochs whole epochs")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: forward/backward under bf16 autocast; weights, G&P update and optimizer stay fp32")
-    engine: Literal["ddp", "deepspeed"] = "ddp"
+    engine: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        "ddp", description="ddp (torch DDP), deepspeed (ZeRO 0-3, train.deepspeed_config) or fsdp (torch "
+        "FSDP2, fully_shard: every child module holding parameters, then the model)")
     deepspeed_config: str | None = Field(
-        None, description="DeepSpeed JSON (ZeRO stage 0/1/2) for engine: deepspeed, e.g. configs/deepspeed/zero1.json")
+        None, description="DeepSpeed JSON (ZeRO stage 0/1/2/3) for engine: deepspeed, e.g. configs/deepspeed/zero1.json")
 
     @model_validator(mode="after")
     def _deepspeed_needs_a_config(self) -> "TrainConfig":

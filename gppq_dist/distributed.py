@@ -231,6 +231,17 @@ def _context(rank: int, world_size: int, local_rank: int, kind: str, group: bool
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, group=group)
 
 
+def current_context(device: torch.device | str) -> DistContext:
+    """This process's place in the process group already up (or a single process), holding
+    its model on ``device``: for library callers that set up torch.distributed themselves."""
+    device = torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                           device=device, group=True)
+    return DistContext(rank=0, world_size=1, local_rank=0, device=device, group=False)
+
+
 def reducer_for(context: DistContext):
     """The reducer for this process: the process group (on the context's device) whenever
     one is up, world size 1 included; the local identity otherwise."""
@@ -310,3 +321,51 @@ def launch_local(nproc: int, module: str, args: list[str], max_restarts: int = 0
                   rank, nproc, how, max_restarts)
         return 1
     return 0
+
+
+# ---- FSDP2 (torch.distributed.fsdp.fully_shard), for train/fsdp_engine.py -------------------
+
+def fsdp_shard(model: torch.nn.Module) -> None:
+    """Shard ``model`` in place with FSDP2: every child module holding trainable parameters is
+    one unit (gathered for its forward and backward, resharded after), the root takes the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+
+
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter FSDP sharded over the ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor (an all-gather: every rank must call it, in the same
+    order), or ``tensor`` itself when it is not sharded."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_shards(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples) with every DTensor replaced by this rank's shard: plain
+    tensors that ``torch.load(weights_only=True)`` reads back."""
+    if is_sharded(tree):
+        return tree.to_local()
+    if isinstance(tree, dict):
+        return {key: local_shards(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(local_shards(value) for value in tree)
+    return tree
+
+
+def sharded_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A local shard saved by :func:`local_shards` as a DTensor laid out as ``like``."""
+    from torch.distributed.tensor import DTensor
+
+    if not is_sharded(like):
+        return local
+    return DTensor.from_local(local.to(like.device), like.device_mesh, like.placements,
+                              shape=like.shape, stride=like.stride())

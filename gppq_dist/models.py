@@ -1,10 +1,21 @@
-"""Building torchvision models and loading their weights without unpickling.
+"""Building models (torchvision's or a factory's) and loading their weights without unpickling.
+
+Every model of a run or an artifact is built by :func:`create_model` from a
+:class:`ModelSpec`: either ``model.arch``, a torchvision classification model built with
+``num_classes`` outputs, or ``model.factory``, ``"package.module:function"`` imported and
+called with ``model.kwargs`` as keyword arguments, e.g. ``timm:create_model`` with
+``{model_name: efficientnet_b0, num_classes: 10}`` when timm is installed. A factory is not
+given ``num_classes``: its kwargs must produce that many outputs, which is checked after the
+build when the model's last module with parameters is a Linear (else not checked). A factory
+that cannot be imported or called, or that returns something other than an ``nn.Module``,
+is one :class:`~gppq_dist.errors.ConfigError` naming ``model.factory``, its value and why.
 
 ``model.weights`` is one of three things:
 
 - ``random``: the architecture's own (seeded) initialisation;
-- a torchvision weights name for ``model.arch``: ``IMAGENET1K_V1``, ``IMAGENET1K_V2``,
-  ``DEFAULT``, ..., or the qualified ``ResNet50_Weights.IMAGENET1K_V2``. The file is read
+- a torchvision weights name for ``model.arch`` (a factory's model has none):
+  ``IMAGENET1K_V1``, ``IMAGENET1K_V2``, ``DEFAULT``, ..., or the qualified
+  ``ResNet50_Weights.IMAGENET1K_V2``. The file is read
   from torchvision's cache (``torch.hub.get_dir()/checkpoints/<file name of the weights'
   URL>``, i.e. under ``$TORCH_HOME``) with ``weights_only=True``. Runs never download: with
   8 ranks per node a download in the run would race, and on a cluster without network it
@@ -20,11 +31,13 @@ prefixed by ``<Enum>_Weights.``) is one; a file of such a name is written ``./NA
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -34,10 +47,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gppq_dist.errors import UserError
+from gppq_dist.errors import ConfigError, UserError
 from gppq_dist.io import atomic_path
 
 WEIGHTS_NAME = re.compile(r"(?:(?P<enum>[A-Za-z0-9]+_Weights)\.)?(?P<member>[A-Z][A-Z0-9_]*)")
+# "package.module:function", the attribute optionally dotted ("module:Class.create")
+FACTORY = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
 
 # googlenet and inception_v3 are built as torchvision builds them for its ImageNet weights
 # (inputs re-normalised from ImageNet's mean/std to [-1, 1] inside the model), with or
@@ -105,6 +120,114 @@ def build_model(arch: str, num_classes: int, device: str | torch.device = "cpu")
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **BUILD_KWARGS.get(arch, {}))
     _BUILT[model] = (arch, num_classes)
     return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a model is built: torchvision ``arch``, or ``factory(**kwargs)``; exactly one.
+
+    ``num_classes`` is what the model must output; a factory is not passed it.
+    """
+
+    num_classes: int
+    arch: str | None = None
+    factory: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The arch, or the factory's ``package.module:function`` (for titles and artifacts)."""
+        return self.factory if self.factory is not None else str(self.arch)
+
+
+def create_model(spec: ModelSpec, device: str | torch.device = "cpu", key: str = "model.factory") -> nn.Module:
+    """The model of ``spec`` with fresh (seeded by the caller) weights: every command and
+    every artifact rebuild builds its model here, so a factory is imported, called and
+    checked the same way everywhere.
+
+    ``device="meta"`` builds shapes only. ``key`` names the factory in errors (a rebuild
+    names its artifact there). Errors: :func:`import_factory`'s; the factory raising (its
+    message and the kwargs); a result that is not an ``nn.Module``; a last Linear whose
+    outputs are not ``spec.num_classes``.
+    """
+    if spec.factory is None:
+        if spec.arch is None:
+            raise ConfigError("model: set model.arch (a torchvision model name) or model.factory "
+                              "('package.module:function')")
+        return build_model(spec.arch, spec.num_classes, device)
+    factory = import_factory(spec.factory, key)
+    kwargs = dict(spec.kwargs)
+    try:
+        with _device_context(device):
+            model = factory(**kwargs)
+    except Exception as exc:  # anything the user's code raises is the user's to fix
+        raise ConfigError(f"{key}: {spec.factory!r} raised {type(exc).__name__}: {_one_line(exc)} when called "
+                          f"with kwargs {kwargs!r}; expected kwargs that it accepts") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{key}: {spec.factory!r} returned a {type(model).__name__}, not a torch.nn.Module; "
+                          "expected a function that builds the model")
+    _check_outputs(model, spec, key)
+    return model
+
+
+def import_factory(value: str, key: str = "model.factory") -> Any:
+    """The callable named by ``"package.module:function"`` (imported, not called)."""
+    match = FACTORY.fullmatch(value)
+    if match is None:
+        raise ConfigError(f"{key}: {value!r} is not of the form 'package.module:function'; expected e.g. "
+                          "timm:create_model or torchvision.models:mobilenet_v2")
+    module_name = match["module"]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        raise ConfigError(f"{key}: {value!r}: cannot import module '{module_name}' ({exc}); install the package "
+                          f"that provides '{missing}', or put the folder holding it on PYTHONPATH") from None
+    except Exception as exc:  # the module's own code failed while importing
+        raise ConfigError(f"{key}: {value!r}: importing module '{module_name}' raised "
+                          f"{type(exc).__name__}: {_one_line(exc)}") from None
+    target: Any = module
+    where = module_name
+    for part in match["attr"].split("."):
+        if not hasattr(target, part):
+            origin = getattr(module, "__file__", None)
+            raise ConfigError(f"{key}: {value!r}: '{where}'{f' ({origin})' if origin else ''} has no attribute "
+                              f"'{part}'; expected package.module:function naming a function of the module")
+        target, where = getattr(target, part), f"{where}.{part}"
+    if not callable(target):
+        raise ConfigError(f"{key}: {value!r} is a {type(target).__name__}, not callable; expected a function "
+                          "(or class) that returns an nn.Module")
+    return target
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (the CLI prints a user error as one line)."""
+    return " ".join(str(exc).split())
+
+
+def _check_outputs(model: nn.Module, spec: ModelSpec, key: str) -> None:
+    """``spec.num_classes`` against the model's classifier, when the last module holding
+    parameters is a Linear: most classifiers end so, while a model that ends otherwise (a
+    conv classifier, a norm after an identity head) gives no reliable count and is trusted."""
+    last: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            last = (name, module)
+    if last is None or not isinstance(last[1], nn.Linear) or last[1].out_features == spec.num_classes:
+        return
+    name, linear = last
+    raise ConfigError(
+        f"{key}: {spec.factory!r} with kwargs {dict(spec.kwargs)!r} builds a model whose last Linear '{name}' has "
+        f"{linear.out_features} outputs, but model.num_classes is {spec.num_classes}; expected kwargs that give "
+        f"{spec.num_classes} outputs (a factory is not passed num_classes)"
+    )
+
+
+def has_transient_buffers(model: nn.Module) -> bool:
+    """Whether some buffer is not in the state dict (``persistent=False``): such a buffer is
+    computed at construction, so a model built on meta cannot get it from a state dict."""
+    stored = set(model.state_dict())
+    return any(name not in stored for name, _ in model.named_buffers())
 
 
 def is_weights_name(value: str) -> bool:
@@ -228,7 +351,8 @@ def load_weights(model: nn.Module, source: str | Path, key: str = "model.weights
     torchvision weights of the model's architecture by name (from the cache)."""
     if is_weights_name(str(source)):
         if model not in _BUILT:
-            raise UserError(f"{key}: {source!r} names torchvision weights, which need a model from build_model")
+            raise UserError(f"{key}: {source!r} names torchvision weights, which exist only for model.arch (a "
+                            "torchvision model); expected a state dict file (.safetensors, .pt, .pth) or 'random'")
         arch, num_classes = _BUILT[model]
         state = load_torchvision_weights(arch, str(source), num_classes, key)
         where = f"{source} ({weights_cache_path(torchvision_weights(arch, str(source), key=key))})"

@@ -23,7 +23,7 @@ from gppq_dist.distributed import resolve_device
 from gppq_dist.errors import ConfigError
 from gppq_dist.evaluate import evaluate
 from gppq_dist.io import write_text_atomic
-from gppq_dist.models import build_model, save_weights
+from gppq_dist.models import create_model, save_weights
 from gppq_dist.progress import progress_bar
 from gppq_dist.train.loop import train_epoch
 
@@ -37,7 +37,9 @@ def baseline_paths(cfg: RunConfig) -> tuple[Path, Path]:
 def settings_hash(cfg: RunConfig) -> str:
     shaping = {
         "seed": cfg.seed,
-        "model": {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes},
+        # arch-only hashes as before, so that cached baselines stay valid
+        "model": {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes,
+                  **({"factory": cfg.model.factory, "kwargs": cfg.model.kwargs} if cfg.model.factory else {})},
         "data": cfg.data.model_dump(mode="json", exclude={"workers", "batch_size"}),
         "pretrain": cfg.pretrain.model_dump(mode="json"),
     }
@@ -69,7 +71,7 @@ def pretrain(cfg: RunConfig, force: bool = False, device: str = "auto") -> dict[
     device = torch.device(resolve_device(device))
     train_loader = build_loader(cfg.data, "train", seed=cfg.seed, batch_size=hp.batch_size, device=device)
     val_loader = build_loader(cfg.data, "val", seed=cfg.seed, device=device)
-    model = build_model(cfg.model.arch, cfg.model.num_classes).to(device)
+    model = create_model(cfg.model.spec).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
                                 weight_decay=hp.weight_decay, nesterov=hp.momentum > 0)
     steps = hp.epochs * len(train_loader)

@@ -11,7 +11,7 @@ images; the forward pass of a batch stops at the layer being clustered. Without
 
 Stage 2 is the trainer's (:mod:`gppq_dist.train.trainer`) with mu = 0 on the snapped
 weights: each codeword moves by its members' mean gradient, and the weights stay exactly
-quantized (the residuals start at exactly zero in :class:`~gppq_dist.pq.gp_sgd.GPSGD`).
+quantized (the residuals R0 of :mod:`gppq_dist.pq.reparam` start at exactly zero).
 """
 
 from __future__ import annotations

@@ -9,7 +9,18 @@ are planned through their Linear layers (``linear``), while parameters that belo
 conv or Linear (``nn.MultiheadAttention.in_proj_weight``, position embeddings, class
 tokens) stay fp32 like the rest of the unquantized parameters. Planning reads shapes only,
 so it works on models built on the meta device. The effective K is clamped to the largest power of two
-strictly below ``n_subvectors / 4`` (DESIGN §2).
+strictly below ``n_subvectors / 4`` (DESIGN §2), at least 1.
+
+A rule's d must divide the layer's row length (``Cin/groups*kh*kw``, or ``in_features``).
+Where it does not, ``on_indivisible`` decides: ``error`` (the default) is one ConfigError
+naming the rule's key, the layer and divisors that would fit; ``skip`` leaves every such
+layer unquantized (fp32, counted as such) and logs one INFO line with how many and which.
+Depthwise convs (``groups == in_channels``, e.g. MobileNet's 3x3 depthwise convs,
+``Cout x 1 x 3 x 3``) have rows of only ``kh*kw`` = 9 weights: d = 9 (or 3, 1) codes each
+filter whole, a d such as 4 meets ``on_indivisible``. Their subvectors number ``Cout*9/d``,
+so the clamp is against that count: a depthwise conv of 48 channels under d = 9 gets
+K <= 8, one of 8 channels K = 1 (a single codeword; leave such a layer alone with a names
+rule of ``null`` when that is too coarse).
 
 ``codec`` says how a layer's subvectors are coded (:mod:`gppq_dist.pq.variants`):
 
@@ -32,6 +43,7 @@ For ``clipq`` and ``ternary`` the rules only choose the layers: their d and k ar
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -43,6 +55,8 @@ from gppq_dist.errors import ConfigError
 from gppq_dist.pq.clipq import n_kept
 from gppq_dist.pq.subvectors import row_length
 
+log = logging.getLogger(__name__)
+
 
 class Rule(Protocol):
     d: int
@@ -53,6 +67,7 @@ class Rules(Protocol):
     """What :func:`plan_layers` reads; :class:`gppq_dist.config.QuantizationConfig` fits."""
 
     skip_first_conv: bool
+    on_indivisible: str  # "error" or "skip": a d that does not divide a layer's rows
     default: Rule | None
     types: Mapping[str, Rule | None]
     names: Mapping[str, Rule | None]
@@ -161,6 +176,7 @@ def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int =
         raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     name_rules = [(re.compile(pattern), pattern, rule) for pattern, rule in rules.names.items()]
     plans: list[LayerPlan] = []
+    indivisible: list[str] = []  # on_indivisible: skip: each layer left alone, with its row length and d
     first_conv_seen = False
     for name, module in model.named_modules():
         kind = layer_kind(module)
@@ -179,6 +195,9 @@ def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int =
                                    k_requested=rule.k, rule=key, codec=codec))
             continue
         length = row_length(shape)
+        if length % rule.d and rules.on_indivisible == "skip":
+            indivisible.append(f"{name} (rows of {length}, {key}.d = {rule.d})")
+            continue
         if length % rule.d:
             divisors = [n for n in range(1, min(length, 64) + 1) if length % n == 0]
             pattern = name.replace(".", "\\.")  # a names rule that matches this layer alone
@@ -186,7 +205,7 @@ def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int =
                 f"{key}.d = {rule.d} does not divide the row length {length} of layer '{name}' "
                 f"(weight {'x'.join(map(str, shape))}); expected a divisor such as "
                 f"{', '.join(map(str, divisors))}, or leave the layer alone with "
-                f"quantization.names: {{'{pattern}': null}}"
+                f"quantization.names: {{'{pattern}': null}} (every such layer: quantization.on_indivisible: skip)"
             )
         # a sub-space codebook is fitted on one subvector per row
         fitted_on = shape[0] if codec == "pq_subspace" else math.prod(shape) // rule.d
@@ -203,6 +222,9 @@ def plan_layers(model: nn.Module, rules: Rules, codec: str = "pq", stages: int =
                 stages=stages if codec == "residual" else 1,
             )
         )
+    if indivisible:
+        log.info("quantization.on_indivisible: skip: %d layer(s) left unquantized, d does not divide their rows: %s",
+                 len(indivisible), ", ".join(indivisible))
     return plans
 
 

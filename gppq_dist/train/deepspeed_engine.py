@@ -1,40 +1,31 @@
-"""The G&P step on DeepSpeed (ZeRO stage 0, 1 or 2), equal to the DDP engine's step.
+"""The training step on DeepSpeed (ZeRO stage 0 to 3), equal to the DDP engine's step.
 
-The model is split in two by what its parameters need:
+DeepSpeed wraps the whole model and owns every trainable parameter: one SGD with the run's
+hyperparameters (``train.*``), under the ZeRO stage of the JSON config. ZeRO-1 partitions
+its momentum over the ranks, ZeRO-2 its gradients as well, ZeRO-3 the parameters too. G&P
+PQ needs nothing of its own here: its quantized layers are reparametrized
+(:mod:`gppq_dist.pq.reparam`), so their parameters are the K x d codewords, which DeepSpeed
+reduces (and at ZeRO-3 partitions and gathers) like any other parameter; the method's
+scheme hooks the residual's scalar recursion onto the SGD that DeepSpeed steps. The
+residuals R0 and assignments psi are not parameters (the layers' extra state): every rank
+holds them whole, as every rank holds the model's buffers.
 
-* The quantized weights (``update.weights``) keep the G&P path of
-  :class:`~gppq_dist.train.engine.DDPEngine`: only their K x d codeword-gradient sums are
-  all-reduced (:class:`~gppq_dist.train.gp_update.GPUpdate`, the step's loss riding along
-  for the finite/non-finite verdict), and SGD with the G&P update folded in
-  (:class:`~gppq_dist.pq.gp_sgd.GPSGD`) steps them. That is ``optimizer``, the one the
-  trainer's lr scheduler drives. They stay whole on every rank:
-  eq. 6 pulls each weight toward its codeword, which needs the whole layer.
-* Every other parameter (BatchNorm, biases, unquantized layers) is DeepSpeed's: an SGD with
-  the same hyperparameters, under the ZeRO stage of the JSON config. ZeRO-1 partitions its
-  momentum over the ranks, ZeRO-2 its gradients as well. Its lr is copied from
-  ``optimizer`` before each step.
-
-DeepSpeed wraps the whole model (it runs the forward and the backward) but manages only
-the parameters it was given: the ZeRO-1/2 optimizer hooks, reduces, partitions and clears
-the gradients of those alone. Stage 0 has no such optimizer: the engine's own all-reduce
-walks every parameter of the module, quantized weights included, so it is switched off
-(``enable_backward_allreduce``) and the engine's gradient all-reduce is called on the
-unquantized gradients only.
-
-The step is the DDP engine's, in the same order: the codeword sync (and the verdict); if
-the loss is finite on every rank, our GPSGD step, then DeepSpeed's; then every gradient is
-cleared. A non-finite loss skips both steps. DeepSpeed's own step is never entered then:
-with one micro-batch per step, ZeRO rebuilds its reduced gradient partition from scratch in
-every backward, so clearing the gradients discards the step completely.
+The step is the DDP engine's: the loss is all-reduced first (the verdict every rank shares);
+if it is finite everywhere DeepSpeed steps, and every gradient is cleared either way. With
+one micro-batch per step, ZeRO rebuilds its reduced gradient partition from scratch in every
+backward, so clearing the gradients discards a skipped step completely.
 
 The math is the DDP engine's because the JSON is held to what keeps it so
 (:func:`check_deepspeed_config`): fp32 weights and fp32 gradient communication, one
 micro-batch per step, no gradient clipping (DeepSpeed's default clips the gradient norm to
-1.0: the engine sets 0), no optimizer or scheduler section (the trainer
-owns them), no ZeRO-3 (it would partition the quantized weights too), no ZeRO-Offload. The
-batch sizes in the file are not trusted: the engine fills them from the run,
-``train_micro_batch_size_per_gpu`` being the per-rank batch (``train.batch_size`` / world
-size), ``gradient_accumulation_steps`` 1 and ``train_batch_size`` the global batch.
+1.0: the engine sets 0), no optimizer or scheduler section (the trainer owns them), no
+ZeRO-Offload. The batch sizes in the file are not trusted: the engine fills them from the
+run, ``train_micro_batch_size_per_gpu`` being the per-rank batch (``train.batch_size`` /
+world size), ``gradient_accumulation_steps`` 1 and ``train_batch_size`` the global batch.
+
+At ZeRO-3 a rank holds only its partition of each parameter outside a forward or backward
+pass; :meth:`DeepSpeedEngine.gathered` makes the whole model readable (state dicts, the
+snapped copy, the artifact) on every rank for the length of a ``with`` block.
 
 Mixed precision is ``train.precision: bf16``: torch autocast around ``forward``, as with
 DDP, never DeepSpeed's fp16/bf16 sections. DeepSpeed's forward switches an enclosing CUDA
@@ -46,25 +37,22 @@ DeepSpeed needs a process group even for one process. ``distributed=False`` uses
 group when one is up, and otherwise starts one over an in-process store, no rendezvous
 (the usual backend for the model's device: ``cpu:gloo,cuda:nccl`` or gloo), which :func:`gppq_dist.distributed.shutdown` ends like any other.
 
-With a straight-through method (CLIP-Q, TSQ: ``update`` manages no weights) every
-parameter is DeepSpeed's and ``optimizer`` is the SGD it wraps (the lr scheduler's handle).
-
-``state_dict()`` holds our GPSGD's state and DeepSpeed's optimizer state for this rank (its
-ZeRO partition, so ``sharded`` is true for stage 1 and 2), as plain containers: the loss
-scaler object (a constant 1 in fp32, restored from the live engine on load) and the
-parameter-slice map (read only by DeepSpeed's universal-checkpoint tooling) are left out.
-A ZeRO state holds this rank's partition of the unquantized fp32 weights, so loading it
-does not depend on whether the model's own state dict was loaded before or after; it must
-be loaded with the same world size.
+``state_dict()`` holds DeepSpeed's optimizer state for this rank (its ZeRO partition, so
+``sharded`` is true for stages 1 to 3), as plain containers: the loss scaler object (a
+constant 1 in fp32, restored from the live engine on load) and the parameter-slice map (read
+only by DeepSpeed's universal-checkpoint tooling) are left out. A ZeRO state holds this
+rank's partition of the fp32 weights, so loading it does not depend on whether the model's
+own state dict was loaded before or after; it must be loaded with the same world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -72,8 +60,7 @@ from torch import nn
 from gppq_dist.config import TrainConfig
 from gppq_dist.distributed import ensure_process_group, group_rank_and_size
 from gppq_dist.errors import ConfigError
-from gppq_dist.train.engine import copy_lr, gp_sgd, reduce_step, sgd, unquantized
-from gppq_dist.train.gp_update import GPUpdate
+from gppq_dist.train.engine import loss_verdict, sgd, trainable
 
 _PRECISION_SECTIONS = ("fp16", "bf16", "bfloat16", "amp", "torch_autocast")
 # Entries of a ZeRO optimizer's state dict that are not plain containers and that its
@@ -112,9 +99,8 @@ def check_deepspeed_config(ds_config: dict[str, Any], source: str = "DeepSpeed c
     if not isinstance(zero, dict):
         refuse("zero_optimization", "expected an object such as {\"stage\": 1}")
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2):
-        refuse("zero_optimization.stage", f"{stage} is not supported (0, 1 or 2): the quantized weights must "
-               "stay whole on every rank, which ZeRO-3 would partition")
+    if stage not in (0, 1, 2, 3):
+        refuse("zero_optimization.stage", f"{stage} is not a ZeRO stage (0, 1, 2 or 3)")
     offload = zero.get("offload_optimizer")
     if zero.get("cpu_offload") or (isinstance(offload, dict) and offload.get("device", "none") != "none"):
         refuse("zero_optimization.offload_optimizer", "ZeRO-Offload is not supported (it wants DeepSpeed's "
@@ -151,10 +137,10 @@ class _CallerAutocast(nn.Module):
 
 
 class DeepSpeedEngine:
-    """Quantized weights: codeword sync + GPSGD; the rest: DeepSpeed ZeRO stage 0/1/2."""
+    """One SGD over every trainable parameter, stepped by DeepSpeed at ZeRO stage 0 to 3."""
 
     def __init__(
-        self, model: nn.Module, update: GPUpdate, hp: TrainConfig, ds_config: dict[str, Any], distributed: bool
+        self, model: nn.Module, hp: TrainConfig, ds_config: dict[str, Any], distributed: bool, reducer
     ) -> None:
         stage = check_deepspeed_config(ds_config)
         device = next(model.parameters()).device
@@ -169,13 +155,11 @@ class DeepSpeedEngine:
         if hp.batch_size % world_size:
             raise ConfigError(f"train.batch_size = {hp.batch_size} must split evenly over {world_size} ranks")
         self.model = model
-        self.update = update
-        self.rank, self.world_size = rank, world_size
+        self.reducer = reducer
+        self.rank, self.world_size, self.stage = rank, world_size, stage
         self.sharded = stage >= 1
-        self.gp = bool(update.weights)
-        self._rest = unquantized(model, update)
-        base = sgd(self._rest, hp)
-        self.optimizer = gp_sgd(update, hp) if self.gp else base
+        params = trainable(model)
+        self.optimizer = sgd(params, hp)  # what DeepSpeed steps and the lr scheduler drives
 
         config = copy.deepcopy(ds_config)
         config.update(
@@ -184,17 +168,14 @@ class DeepSpeedEngine:
             gradient_accumulation_steps=1,
             # DeepSpeed clips the gradient norm to 1.0 unless told otherwise; G&P PQ does not clip
             gradient_clipping=0.0,
-            # ZeRO-1/2 only vouch for Adam-like optimizers out of the box; SGD is elementwise
+            # ZeRO only vouches for Adam-like optimizers out of the box; SGD is elementwise
             # and runs on the flat fp32 partition just as well.
             zero_allow_untested_optimizer=True,
         )
         self.ds, _, _, _ = deepspeed.initialize(
-            model=_CallerAutocast(model), model_parameters=self._rest, optimizer=base,
+            model=_CallerAutocast(model), model_parameters=params, optimizer=self.optimizer,
             config=config, dist_init_required=False,
         )
-        if stage == 0:
-            # Its all-reduce would take every gradient of the module; backward() reduces ours.
-            self.ds.enable_backward_allreduce = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         device_type = images.device.type
@@ -203,21 +184,11 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
-        if not self.sharded and self.world_size > 1:
-            for param in self._rest:
-                if param.grad is None:  # unused this step: every rank must send the same tensors
-                    param.grad = torch.zeros_like(param)
-            self.ds.buffered_allreduce_fallback(grads=[param.grad for param in self._rest])
 
     def step(self, loss: torch.Tensor) -> float | None:
-        mean, sums = reduce_step(loss, self.update)
+        mean = loss_verdict(loss, self.reducer)
         if mean is not None:
-            if self.gp:
-                self.optimizer.step(sums)
-                copy_lr(self.optimizer, self.ds.optimizer)
             self.ds.step()
-        if self.gp:
-            self.optimizer.zero_grad(set_to_none=True)
         self.ds.optimizer.zero_grad(set_to_none=True)  # its step clears them, a skipped step must too
         return mean
 
@@ -225,24 +196,38 @@ class DeepSpeedEngine:
         """The weights were replaced in place (a new phase): drop the momentum, and give ZeRO's
         fp32 master partition the new weights (it would write the old ones back)."""
         self.optimizer.state.clear()
-        (self.ds.optimizer.optimizer if self.sharded else self.ds.optimizer).state.clear()
         if self.sharded:
             self.ds.optimizer.refresh_fp32_params()
+
+    def gathered(self) -> ContextManager[None]:
+        """At ZeRO-3, every parameter whole on every rank inside the block (read only)."""
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    def model_state(self) -> dict[str, Any]:
+        """The model's state dict, whole (at ZeRO-3 gathered and copied: every rank calls)."""
+        if self.stage < 3:
+            return self.model.state_dict()
+        with self.gathered():
+            return {name: value.clone() for name, value in self.model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         ds_state = self.ds.optimizer.state_dict()
         if self.sharded:
             ds_state = {k: v for k, v in ds_state.items() if k not in _ZERO_STATE_DROPPED}
-            ds_state["zero_stage"] = int(ds_state["zero_stage"])  # an IntEnum: not a plain container
-        return {"optimizer": self.optimizer.state_dict() if self.gp else None, "deepspeed": ds_state}
+            if "zero_stage" in ds_state:
+                ds_state["zero_stage"] = int(ds_state["zero_stage"])  # an IntEnum: not a plain container
+        return {"deepspeed": ds_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.gp:
-            self.optimizer.load_state_dict(state["optimizer"])
         if not self.sharded:
             self.ds.optimizer.load_state_dict(state["deepspeed"])
             return
-        # ZeRO reads the entry of this rank from a list of every rank's state.
+        # ZeRO reads the entry of this rank from a list of every rank's state; the loss scaler
+        # left out of the saved state is the live one (a constant 1 in fp32; ZeRO-3 wants it)
         states = [None] * self.world_size
-        states[self.rank] = state["deepspeed"]
+        states[self.rank] = {"loss_scaler": self.ds.optimizer.loss_scaler, **state["deepspeed"]}
         self.ds.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)

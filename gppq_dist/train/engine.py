@@ -1,22 +1,23 @@
-"""Training engines: how a G&P step is taken on the ranks (plain DDP, or DeepSpeed).
+"""Training engines: how a step is taken on the ranks (plain DDP, DeepSpeed, or FSDP2).
 
-An engine owns the wrapped model and the optimizer(s) and takes one step at a time:
+An engine owns the wrapped model and the optimizer and takes one step at a time:
 
     loss = criterion(engine.forward(images), labels)
     engine.backward(loss)
     mean_loss = engine.step(loss)   # None when the loss was not finite on some rank
 
-``step`` all-reduces the codeword gradient sums of the quantized weights
-(:class:`~gppq_dist.train.gp_update.GPUpdate`), the step's loss riding along in the same
-message so that every rank sees the same finite/non-finite verdict, then steps the
-quantized weights with the G&P update folded into SGD (:class:`~gppq_dist.pq.gp_sgd.GPSGD`)
-and every other parameter with a plain SGD of the same hyperparameters, then clears the
-gradients. ``optimizer`` is the quantized weights' ``GPSGD``, the optimizer the trainer's
-lr scheduler drives; the other optimizer copies its lr before stepping.
+The engines know nothing of the compression method. G&P PQ is a reparametrization
+(:mod:`gppq_dist.pq.reparam`): each quantized layer's trainable parameter is its K x d
+codeword tensor, so DDP (or DeepSpeed) reduces K x d gradients per layer in its own buckets,
+overlapped with the backward pass, and one ``torch.optim.SGD`` over every trainable
+parameter steps them (the method's scheme hooks the residual's scalar recursion onto that
+optimizer). Straight-through methods (CLIP-Q, TSQ) swap weights around the forward and
+backward passes and leave the step alone.
 
-With a straight-through method (CLIP-Q, TSQ: ``update`` manages no weights) there is no
-GPSGD: ``optimizer`` is one SGD over every trainable parameter, all of them reduced by DDP
-(or DeepSpeed).
+``step`` first all-reduces the step's loss (one fp32 number: the step's one host sync), so
+that every rank reads the same finite/non-finite verdict, then steps the optimizer if the
+loss was finite everywhere, then clears the gradients. ``optimizer`` is what the trainer's
+lr scheduler drives.
 
 ``state_dict()`` returns plain containers (tensors, numbers, strings, lists, dicts) that
 ``torch.load(weights_only=True)`` reads back. When ``sharded`` is true the state differs
@@ -26,20 +27,19 @@ writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
 
 from gppq_dist.config import TrainConfig
-from gppq_dist.pq.gp_sgd import GPSGD
-from gppq_dist.train.gp_update import GPUpdate
 
 
 class Engine(Protocol):
     model: nn.Module  # the unwrapped model (state_dict, evaluation)
-    optimizer: torch.optim.Optimizer  # what the lr scheduler drives
+    optimizer: torch.optim.Optimizer  # what the lr scheduler drives (a torch.optim.SGD)
     sharded: bool
 
     def forward(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -49,6 +49,10 @@ class Engine(Protocol):
     def step(self, loss: torch.Tensor) -> float | None: ...
 
     def restart(self) -> None: ...  # after the weights were replaced: forget the momentum
+
+    def gathered(self) -> ContextManager[None]: ...  # the whole model readable on every rank
+
+    def model_state(self) -> dict[str, Any]: ...  # the model's state dict, whole (every rank calls)
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -60,56 +64,33 @@ def sgd(params, hp: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-def gp_sgd(update: GPUpdate, hp: TrainConfig) -> GPSGD:
-    """The paper's optimizer for the quantized weights, with the G&P update folded in."""
-    return update.sgd(lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that train, in model order."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def unquantized(model: nn.Module, update: GPUpdate) -> list[nn.Parameter]:
-    """The trainable parameters of ``model`` that are not quantized weights, in model order."""
-    quantized = {id(weight) for weight in update.weights}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in quantized]
-
-
-def reduce_step(loss: torch.Tensor, update: GPUpdate) -> tuple[float | None, list[torch.Tensor]]:
-    """The codeword gradient sums averaged over ranks, with ``loss`` riding along; returns the
-    loss's mean over the ranks (None if it is not finite on some rank) and the sums."""
+def loss_verdict(loss: torch.Tensor, reducer) -> float | None:
+    """The step's loss averaged over the ranks, or None if it is not finite on some rank (a
+    NaN or inf anywhere makes the mean so). The float is the step's one host sync: every
+    rank reads the same verdict before anything is stepped."""
     value = loss.detach().float().reshape(1).clone()
-    sums = update.reduced_gradient_sums(extra=value)
-    # the step's one host sync: every rank reads the same verdict (a NaN on any rank makes
-    # the mean NaN) before anything is stepped
+    reducer.all_reduce_sum(value)  # also at world size 1 under a launcher (exercised, exact)
+    if reducer.world_size > 1:
+        value /= reducer.world_size
     mean = float(value)
-    return (mean if math.isfinite(mean) else None), sums
-
-
-def copy_lr(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> None:
-    lr = source.param_groups[0]["lr"]
-    for group in target.param_groups:
-        group["lr"] = lr
+    return mean if math.isfinite(mean) else None
 
 
 class DDPEngine:
-    """GPSGD for the quantized weights, SGD for the rest; DDP for the unquantized ones (one
-    process: none). Without G&P-managed weights: SGD and DDP for all."""
+    """One SGD over every trainable parameter; DDP reduces the gradients (one process: none)."""
 
     sharded = False
 
-    def __init__(self, model: nn.Module, update: GPUpdate, hp: TrainConfig, distributed: bool) -> None:
+    def __init__(self, model: nn.Module, hp: TrainConfig, distributed: bool, reducer) -> None:
         self.model = model
-        self.update = update
-        self.gp = bool(update.weights)
-        if distributed:
-            if self.gp:
-                update.exclude_from_ddp(model)
-            self.wrapped: nn.Module = nn.parallel.DistributedDataParallel(model)
-        else:
-            self.wrapped = model
-        rest = unquantized(model, update)
-        if self.gp:
-            self.optimizer: torch.optim.Optimizer = gp_sgd(update, hp)
-            self.rest = sgd(rest, hp) if rest else None
-        else:
-            self.optimizer, self.rest = sgd(rest, hp), None
+        self.reducer = reducer
+        self.wrapped: nn.Module = nn.parallel.DistributedDataParallel(model) if distributed else model
+        self.optimizer: torch.optim.Optimizer = sgd(trainable(model), hp)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.wrapped(images)
@@ -118,28 +99,24 @@ class DDPEngine:
         loss.backward()
 
     def step(self, loss: torch.Tensor) -> float | None:
-        mean, sums = reduce_step(loss, self.update)
+        mean = loss_verdict(loss, self.reducer)
         if mean is not None:
-            self.optimizer.step(sums) if self.gp else self.optimizer.step()
-            if self.rest is not None:
-                copy_lr(self.optimizer, self.rest)
-                self.rest.step()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.rest is not None:
-            self.rest.zero_grad(set_to_none=True)
         return mean
 
     def restart(self) -> None:
         """The weights were replaced in place (a new phase): drop the momentum."""
         self.optimizer.state.clear()
-        if self.rest is not None:
-            self.rest.state.clear()
+
+    def gathered(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def model_state(self) -> dict[str, Any]:
+        return self.model.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
-                "rest": self.rest.state_dict() if self.rest is not None else None}
+        return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.rest is not None:
-            self.rest.load_state_dict(state["rest"])

@@ -1,4 +1,11 @@
-"""The G&P update on a live model, with codeword-gradient sync across ranks (DESIGN §3).
+"""The G&P update as a gradient transform on a live model, with codeword-gradient sync
+across ranks (DESIGN §3): the reference the trainer's path is held to.
+
+The trainer no longer steps through this module: G&P PQ trains as a reparametrization
+(:mod:`gppq_dist.pq.reparam`: the codewords are the parameters, autograd gives their
+gradients, DDP or DeepSpeed reduce them, torch's SGD steps them). The transform below, and
+its closed form :class:`~gppq_dist.pq.gp_sgd.GPSGD`, are the paper's eq. 6 written out;
+tests and benchmarks compare the reparametrization with them.
 
 :class:`GPUpdate` holds each quantized layer's fixed assignment ``psi`` (from the initial
 k-means) and, between ``loss.backward()`` and ``optimizer.step()``, replaces each quantized

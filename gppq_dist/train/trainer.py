@@ -2,9 +2,10 @@
 the other methods that train.
 
 One process, or under torchrun (``torchrun --nproc_per_node=N -m gppq_dist.train --config
-CFG``): the initial k-means is sharded over the ranks, quantized weights are synchronised
-through per-codeword gradient sums (:class:`~gppq_dist.train.gp_update.GPUpdate`) and every
-other parameter through DDP or DeepSpeed (:mod:`gppq_dist.train.engine`). Every epoch
+CFG``): the initial k-means is sharded over the ranks; each quantized weight is then
+reparametrized by its K x d codewords (:mod:`gppq_dist.pq.reparam`), so DDP or DeepSpeed
+(:mod:`gppq_dist.train.engine`) reduce the per-codeword gradients with every other
+gradient, and one SGD steps them all. Every epoch
 scores the val set with quantization (each subvector snapped to its codeword, fp16
 codebook as stored) and without, and logs Gamma. The final model is the snapped one; rank
 0 writes it as ``<run dir>/gppq.gppq`` with ``summary.json`` and the resolved
@@ -36,7 +37,8 @@ import yaml
 from torch import nn
 
 from gppq_dist.artifact import write_artifact
-from gppq_dist.compress import artifact_info, cluster, load_model, plan_for
+from gppq_dist.api import prepare
+from gppq_dist.compress import load_model
 from gppq_dist.config import RunConfig
 from gppq_dist.data.check import tree_walks
 from gppq_dist.data.loaders import run_loader
@@ -49,8 +51,7 @@ from gppq_dist.progress import progress_bar
 from gppq_dist.tracking import NullTracker, open_tracker
 from gppq_dist.train import checkpoint
 from gppq_dist.train.engine import DDPEngine, Engine
-from gppq_dist.train.gp_update import GPUpdate
-from gppq_dist.train.schemes import GPScheme, Scheme
+from gppq_dist.train.schemes import GPScheme
 
 log = logging.getLogger(__name__)
 
@@ -100,41 +101,39 @@ def preflight(cfg: RunConfig, context: DistContext, reducer) -> Manifest:
     return manifest if manifest is not None else load_manifest(cfg.data, cfg.run_dir)
 
 
-def make_scheme(cfg: RunConfig, model: nn.Module, plans, context: DistContext, reducer,
-                state: dict[str, Any] | None, manifest: Manifest) -> Scheme:
-    """The method's scheme, from a checkpoint's ``state`` or fresh (its initial coding);
-    methods that calibrate on train batches read them from ``manifest``'s samples."""
-    name = cfg.method.name
-    if name == "clipq":
-        from gppq_dist.methods.clipq import ClipQScheme
-
-        return ClipQScheme(model, plans, reducer)
-    if name == "tsq":
-        from gppq_dist.methods.tsq import TSQScheme
-
-        return TSQScheme(model, plans, cfg, context, reducer, state, manifest)
-    two_stage = name == "two_stage_pq"
-    codebooks = None
-    if state is not None:
-        psi = state["psi"]
-    elif two_stage:
-        from gppq_dist.methods.two_stage import layerwise_pq
-
-        psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer, manifest)
-    else:
-        psi = cluster(model, cfg, context).assignments
-    # two-stage PQ finetunes the codewords of snapped weights: no pull (mu = 0), and the
-    # weights stay exactly quantized
-    return GPScheme(model, plans, psi, 0.0 if two_stage else cfg.train.mu, reducer, codebooks, two_stage=two_stage)
-
-
-def make_engine(cfg: RunConfig, model: nn.Module, update: GPUpdate, context: DistContext) -> Engine:
+def make_engine(cfg: RunConfig, model: nn.Module, context: DistContext, reducer) -> Engine:
     hp = cfg.train
     if hp.engine == "ddp":
-        return DDPEngine(model, update, hp, context.distributed)
-    from gppq_dist.train.deepspeed_engine import DeepSpeedEngine, load_deepspeed_config
+        return DDPEngine(model, hp, context.distributed, reducer)
+    if hp.engine == "fsdp":
+        if cfg.method.name in ("clipq", "tsq"):
+            raise ConfigError(f"train.engine: fsdp shards the weights that method {cfg.method.name} swaps for "
+                              "their quantized values around every step; use ddp or deepspeed")
+        from gppq_dist.train.fsdp_engine import FSDPEngine
 
-    return DeepSpeedEngine(model, update, hp, load_deepspeed_config(hp.deepspeed_config), context.distributed)
+        return FSDPEngine(model, hp, context.distributed, reducer)
+    from gppq_dist.train.deepspeed_engine import DeepSpeedEngine, check_deepspeed_config, load_deepspeed_config
+
+    ds_config = load_deepspeed_config(hp.deepspeed_config)
+    if check_deepspeed_config(ds_config) == 3 and cfg.method.name in ("clipq", "tsq"):
+        raise ConfigError(
+            f"train.deepspeed_config: {hp.deepspeed_config} is ZeRO stage 3, which partitions the weights that "
+            f"method {cfg.method.name} swaps for their quantized values around every step; use stage 0, 1 or 2"
+        )
+    return DeepSpeedEngine(model, hp, ds_config, context.distributed, reducer)
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], path: str) -> None:
+    """A checkpoint's model state into the (reparametrized) model, or one clear error."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(
+            f"checkpoint {path} does not fit this run's model ({first}); it was written by another "
+            "model or an earlier version of gppq_dist (whose G&P checkpoints held dense weights): start "
+            "a new run under another name"
+        ) from None
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -147,7 +146,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_same_config(saved: dict[str, Any], cfg: RunConfig, path: str) -> None:
-    """Refuse to continue a checkpoint under different settings (a few may change)."""
+    """Refuse to continue a checkpoint under different settings (a few may change). The saved
+    settings are read with today's defaults first, so a key added since they were written
+    counts as unchanged when the run leaves it at its default."""
+    try:
+        saved = RunConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # keys since renamed or removed: compared as written
+        pass
     old, new = _flat(saved), _flat(cfg.model_dump(mode="json"))
     changed = [f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in sorted(set(old) | set(new))
                if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)]
@@ -211,27 +216,25 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
     val_loader = run_loader(cfg.data, "val", manifest, context, cfg.seed)
     device = context.device
     model = load_model(cfg).to(device)
-    plans = plan_for(model, cfg)
     timing: dict[str, float] = {"coding_s": 0.0, "baseline_eval_s": 0.0}
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
         baseline, direct = resumed["baseline"], resumed["direct"]
-        # checkpoints from before schemes hold G&P's psi at the top level
-        state = resumed["scheme"] if "scheme" in resumed else {"psi": resumed["psi"]}
-        scheme = make_scheme(cfg, model, plans, context, reducer, state, manifest)
+        # the scheme first: G&P's reparametrization is part of the model state
+        scheme = prepare(model, cfg, reducer, context=context, manifest=manifest, state=resumed["scheme"])
+        load_model_state(model, resumed["model"], resumed["path"])
     else:
         began = time.perf_counter()
         baseline = evaluate(model, val_loader, device, "baseline val", reducer)
         timing["baseline_eval_s"] = time.perf_counter() - began
-        scheme = make_scheme(cfg, model, plans, context, reducer, None, manifest)
+        scheme = prepare(model, cfg, reducer, context=context, manifest=manifest)
         direct = evaluate(scheme.quantized_copy(), val_loader, device, f"{scheme.start_label} val", reducer)
         timing["coding_s"] = time.perf_counter() - began - timing["baseline_eval_s"]
         log.info("baseline top-1 %.2f%%, %s top-1 %.2f%%, Gamma %.3e", baseline["top1"],
                  scheme.start_label, direct["top1"], scheme.gamma())
-    update = scheme.update
     epochs = hp.epochs + scheme.extra_epochs
 
-    engine = make_engine(cfg, model, update, context)
+    engine = make_engine(cfg, model, context, reducer)
+    scheme.attach(engine.optimizer)
     def plateau_schedule() -> torch.optim.lr_scheduler.ReduceLROnPlateau:
         return torch.optim.lr_scheduler.ReduceLROnPlateau(engine.optimizer, factor=0.1,
                                                           patience=hp.plateau_patience)
@@ -269,9 +272,10 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
         nonlocal last_saved
         loader_positions = gather_to_main(train_loader.position(), context)
         engine_state = gather_to_main(engine.state_dict(), context) if engine.sharded else engine.state_dict()
+        model_state = engine.model_state()  # every rank: ZeRO-3 and FSDP gather the weights
         if context.is_main:
             last_saved = str(checkpoint.save(cfg.run_dir, global_step, {
-                "model": model.state_dict(), "engine": engine_state, "scheduler": scheduler.state_dict(),
+                "model": model_state, "engine": engine_state, "scheduler": scheduler.state_dict(),
                 "scheme": scheme.state_dict(), "rng": torch.get_rng_state(),
                 "history": history, "baseline": baseline, "direct": direct, "config": cfg.model_dump(mode="json"),
                 "epoch": epoch, "batch": batch, "epoch_done": epoch_done, "loss_sum": loss_sum,
@@ -336,7 +340,9 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
             # each rank still holds its own: take rank 0's, which the artifact will hold.
             broadcast_buffers_(model, reducer)
             raw = evaluate(model, val_loader, device, "val (raw)", reducer)
-            quantized = evaluate(scheme.quantized_copy(), val_loader, device, "val (quantized)", reducer)
+            with engine.gathered():
+                snapped = scheme.quantized_copy()
+            quantized = evaluate(snapped, val_loader, device, "val (quantized)", reducer)
             scheduler.step(quantized["loss"])
             record = {
                 "epoch": epoch,
@@ -358,14 +364,15 @@ def _train(cfg: RunConfig, context: DistContext, reducer, resumed: dict[str, Any
                 log.info("train.max_steps = %d reached: the run ends after epoch %d", hp.max_steps, epoch - 1)
                 break
 
-    artifact = scheme.artifact(artifact_info(cfg, scheme.gamma(), {"method": cfg.method.name}))
+    with engine.gathered():
+        artifact = scheme.artifact()
     last = history[-1] if history else {"top1_quantized": direct["top1"], "top1_raw": baseline["top1"],
                                         "gamma": scheme.gamma()}
     summary = {
         "method": cfg.method.name,
         "baseline_top1": baseline["top1"],
         # the model the training starts from, as scored (direct PQ for G&P PQ)
-        "direct_pq_top1": direct["top1"] if isinstance(scheme, GPScheme) else None,
+        "direct_pq_top1": direct["top1"] if isinstance(scheme.scheme, GPScheme) else None,
         "start_top1": direct["top1"],
         "top1_quantized": last["top1_quantized"],
         "top1_raw": last["top1_raw"],

@@ -24,6 +24,15 @@ def exactly_quantized(weight: torch.Tensor, psi: torch.Tensor, d: int) -> bool:
 
 
 @pytest.mark.distributed
+def rebuilt_weight(model_state, name):
+    """A quantized layer's weight from a checkpoint: ``C[psi] + alpha * R0`` (G&P's
+    reparametrization, gppq_dist/pq/reparam.py); two-stage PQ's residuals are exactly zero."""
+    prefix = f"{name}.parametrizations.weight"
+    extra = model_state[f"{prefix}.0._extra_state"]
+    assert torch.count_nonzero(extra["residual"]) == 0
+    return model_state[f"{prefix}.original"][extra["psi"]] + model_state[f"{prefix}.0.alpha"] * extra["residual"]
+
+
 def test_two_stage_pq_keeps_weights_quantized_and_ships_what_it_scored(tmp_path, digits_dir):
     path = write_config(
         tmp_path, name="two_stage", method={"name": "two_stage_pq", "calibration_batches": 2},
@@ -39,13 +48,12 @@ def test_two_stage_pq_keeps_weights_quantized_and_ships_what_it_scored(tmp_path,
     saved = checkpoint.saved(cfg.run_dir)
     states = [torch.load(p, weights_only=True) for p in saved]
     plans = plan_layers(rebuild_model(read_artifact(summary["artifact"])), cfg.quantization)
-    moved = False
     for state in states:
         for plan in plans:
-            weight = state["model"][f"{plan.name}.weight"]
+            weight = rebuilt_weight(state["model"], plan.name)
             assert exactly_quantized(weight, state["scheme"]["psi"][plan.name], plan.d), (state["global_step"], plan.name)
     first, last = states[-1]["model"], states[0]["model"]  # oldest kept, newest
-    moved = any(not torch.equal(first[f"{p.name}.weight"], last[f"{p.name}.weight"]) for p in plans)
+    moved = any(not torch.equal(rebuilt_weight(first, p.name), rebuilt_weight(last, p.name)) for p in plans)
     assert moved
     # the raw weights are the codewords in fp32, the scored copy holds them in fp16 as stored:
     # the two agree within one image

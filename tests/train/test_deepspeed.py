@@ -1,10 +1,11 @@
-"""DeepSpeed engine, ZeRO stage 0/1/2 on real gloo ranks: the same G&P steps as DDP.
+"""DeepSpeed engine, ZeRO stage 0 to 3 on real gloo ranks: the same G&P steps as DDP.
 
-DeepSpeed is slow to import, so one spawned run checks every stage, several things each:
-DeepSpeed leaves the quantized weights' gradients alone, 5 steps on a split batch equal
-DDP on one rank (and the naive full-gradient path), the state dict saved after 2 steps and
-loaded into a fresh engine continues bit for bit, and a non-finite loss on one rank
-changes nothing.
+The quantized layers are reparametrized (their parameters are the K x d codewords), so
+DeepSpeed reduces, partitions and steps them as it does every other parameter. DeepSpeed is
+slow to import, so one spawned run checks every stage, several things each: 5 steps on a
+split batch equal DDP on one rank (and the naive full-gradient path), the state saved after
+2 steps and loaded into a fresh engine continues bit for bit, and a non-finite loss on one
+rank changes nothing.
 """
 
 import io
@@ -21,11 +22,14 @@ from gppq_dist.config import TrainConfig
 from gppq_dist.distributed import ProcessGroupReducer
 from gppq_dist.errors import ConfigError
 from gppq_dist.train.deepspeed_engine import DeepSpeedEngine, check_deepspeed_config, load_deepspeed_config
+from gppq_dist.pq import reparam
+from gppq_dist.pq.kmeans import LocalReducer
 from gppq_dist.train.engine import DDPEngine
-from gppq_dist.train.gp_update import GPUpdate
 from tests.conftest import CONFIGS
 from tests.distributed_helpers import run_gloo
-from tests.train.test_gp_update import BATCH, MU, batches, quantize, small_net, train
+from tests.train.test_gp_update import BATCH, MU, batches, dense_state, quantize, small_net, train
+
+STAGES = (0, 1, 2, 3)
 
 HP = TrainConfig(batch_size=BATCH, lr=0.1, momentum=0.9, weight_decay=1e-4, mu=MU)  # test_gp_update's SGD
 SAVE_AFTER = 2
@@ -36,8 +40,18 @@ def ds_config(stage: int) -> dict:
     return load_deepspeed_config(CONFIGS / "deepspeed" / f"zero{stage}.json")
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+def snapshot(model: nn.Module, engine=None) -> dict[str, torch.Tensor]:
+    """The model's tensors, quantized weights as rebuilt (at ZeRO-3: gathered first)."""
+    if engine is None:
+        return dense_state(model)
+    with engine.gathered():
+        return dense_state(model)
+
+
+def reparametrized() -> tuple[nn.Module, list]:
+    model = small_net()
+    plans, assignments = quantize(model)
+    return model, reparam.attach_gp(model, plans, assignments, MU)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -60,16 +74,16 @@ LOUD = 50.0
 
 def ddp_single(scale: float = 1.0) -> dict[str, torch.Tensor]:
     """The reference: DDPEngine, one process, the whole batch."""
-    model = small_net()
-    plans, assignments = quantize(model)
-    engine = DDPEngine(model, GPUpdate(model, plans, assignments, MU), HP, distributed=False)
+    model, layers = reparametrized()
+    engine = DDPEngine(model, HP, distributed=False, reducer=LocalReducer())
+    reparam.recursion_hook(engine.optimizer, layers)
     for images, labels in batches():
         take(engine, images, labels, scale=scale)
     return snapshot(model)
 
 
 def scenario(rank: int, world_size: int) -> dict[int, dict]:
-    return {stage: stage_scenario(rank, world_size, stage) for stage in (0, 1, 2)}
+    return {stage: stage_scenario(rank, world_size, stage) for stage in STAGES}
 
 
 def stage_scenario(rank: int, world_size: int, stage: int) -> dict:
@@ -77,41 +91,38 @@ def stage_scenario(rank: int, world_size: int, stage: int) -> dict:
     data = [(images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share])
             for images, labels in batches()]
 
-    def fresh():
-        model = small_net()
-        plans, assignments = quantize(model)
-        update = GPUpdate(model, plans, assignments, MU, ProcessGroupReducer())
-        return model, DeepSpeedEngine(model, update, HP, ds_config(stage), distributed=True)
+    def fresh(saved=None):
+        """As the trainer does it: reparametrize, load the model state, then the engine."""
+        model, layers = reparametrized()
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+        engine = DeepSpeedEngine(model, HP, ds_config(stage), distributed=True, reducer=ProcessGroupReducer())
+        reparam.recursion_hook(engine.optimizer, layers)
+        if saved is not None:
+            engine.load_state_dict(saved["engine"])
+        return model, engine
 
-    plain = small_net()  # this rank's own gradient of the first batch, by plain autograd
-    nn.functional.cross_entropy(plain(data[0][0]), data[0][1]).backward()
     model, engine = fresh()
-    quantized = {f"{plan.name}.weight" for plan in engine.update.plans}
-    own = {name: param.grad for name, param in plain.named_parameters() if name in quantized}
     for step, (images, labels) in enumerate(data):
         if step == SAVE_AFTER:
             buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "engine": engine.state_dict()}, buffer)
+            with engine.gathered():
+                torch.save({"model": model.state_dict(), "engine": engine.state_dict()}, buffer)
         loss = nn.functional.cross_entropy(engine.forward(images), labels)
         engine.backward(loss)
-        if step == 0:
-            after_backward = {name: p.grad.clone() for name, p in model.named_parameters() if name in quantized}
         engine.step(loss)
-    uninterrupted = snapshot(model)
+    uninterrupted = snapshot(model, engine)
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    model, engine = fresh()
-    engine.load_state_dict(saved["engine"])  # before the weights: the order must not matter
-    model.load_state_dict(saved["model"])
-    before = snapshot(model)
+    model, engine = fresh(saved)
+    before = snapshot(model, engine)
     skipped = take(engine, *data[SAVE_AFTER], poison=rank == 1)
-    skip_changed = max_diff(snapshot(model), before)
+    skip_changed = max_diff(snapshot(model, engine), before)
     for images, labels in data[SAVE_AFTER:]:
         take(engine, images, labels)
-    return {"own": own, "after_backward": after_backward, "sharded": engine.sharded,
-            "uninterrupted": uninterrupted, "resumed": snapshot(model), "skipped": skipped,
-            "skip_changed": skip_changed, "naive": train(rank, world_size, True)}
+    return {"sharded": engine.sharded, "uninterrupted": uninterrupted, "resumed": snapshot(model, engine),
+            "skipped": skipped, "skip_changed": skip_changed, "naive": train(rank, world_size, True)}
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +138,10 @@ def single() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_equal_ddp_on_one_rank_resume_exactly_and_skip_non_finite_steps(two_ranks, single, stage):
     results = [by_stage[stage] for by_stage in two_ranks]
-    own = [result["own"] for result in results]
-    assert own[0] and all(not torch.equal(own[0][name], own[1][name]) for name in own[0])
     for result in results:
-        # after backward, each rank still holds its own gradient of the quantized weights
-        assert all(torch.equal(result["after_backward"][name], grad) for name, grad in result["own"].items())
         assert result["sharded"] == (stage >= 1)
         assert max_diff(result["uninterrupted"], single) <= TOLERANCE
         assert max_diff(result["naive"], single) <= TOLERANCE
@@ -145,14 +152,15 @@ def test_two_ranks_equal_ddp_on_one_rank_resume_exactly_and_skip_non_finite_step
 
 def alone(rank: int, out: str) -> None:
     """One process, no process group: the engine starts its own 1-rank group."""
-    model = small_net()
-    plans, assignments = quantize(model)
-    engine = DeepSpeedEngine(model, GPUpdate(model, plans, assignments, MU), HP, ds_config(2), distributed=False)
+    model, layers = reparametrized()
+    engine = DeepSpeedEngine(model, HP, ds_config(2), distributed=False, reducer=LocalReducer())
+    reparam.recursion_hook(engine.optimizer, layers)
     losses = [take(engine, images, labels) for images, labels in batches()]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's autocast reaches the model
         autocast_dtype = engine.forward(batches()[0][0]).dtype
-    loud = small_net()
-    engine = DeepSpeedEngine(loud, GPUpdate(loud, plans, assignments, MU), HP, ds_config(0), distributed=False)
+    loud, loud_layers = reparametrized()
+    engine = DeepSpeedEngine(loud, HP, ds_config(0), distributed=False, reducer=LocalReducer())
+    reparam.recursion_hook(engine.optimizer, loud_layers)
     plain = small_net()
     nn.functional.cross_entropy(plain(batches()[0][0]), batches()[0][1]).mul(LOUD).backward()
     grad_norm = float(torch.cat([p.grad.reshape(-1) for p in plain.parameters()]).norm())
@@ -180,7 +188,7 @@ def test_one_process_without_a_process_group_equals_ddp(single):
 @pytest.mark.parametrize(("config", "key"), [
     ({"fp16": {"enabled": True}}, "fp16.enabled"),
     ({"bf16": {"enabled": True}}, "bf16.enabled"),
-    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
     ({"gradient_clipping": 1.0}, "gradient_clipping"),
     ({"optimizer": {"type": "Adam"}}, "optimizer"),
@@ -192,16 +200,14 @@ def test_configs_that_would_change_the_math_are_refused_by_key(config, key):
 
 
 def test_the_engine_refuses_them_before_starting_anything():
-    model = small_net()
-    plans, assignments = quantize(model)
-    update = GPUpdate(model, plans, assignments, MU)
+    model, _ = reparametrized()
     group_was_up = torch.distributed.is_initialized()
     with pytest.raises(ConfigError, match=r"fp16\.enabled: .*use train\.precision: bf16"):
-        DeepSpeedEngine(model, update, HP, {"fp16": {"enabled": True}}, distributed=False)
-    with pytest.raises(ConfigError, match=r"zero_optimization\.stage: 3 is not supported"):
-        DeepSpeedEngine(model, update, HP, {"zero_optimization": {"stage": 3}}, distributed=False)
+        DeepSpeedEngine(model, HP, {"fp16": {"enabled": True}}, distributed=False, reducer=LocalReducer())
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage: 4 is not a ZeRO stage"):
+        DeepSpeedEngine(model, HP, {"zero_optimization": {"stage": 4}}, distributed=False, reducer=LocalReducer())
     assert torch.distributed.is_initialized() == group_was_up
 
 
 def test_the_shipped_configs_are_accepted():
-    assert [check_deepspeed_config(ds_config(stage)) for stage in (0, 1, 2)] == [0, 1, 2]
+    assert [check_deepspeed_config(ds_config(stage)) for stage in STAGES] == list(STAGES)

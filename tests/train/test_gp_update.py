@@ -1,4 +1,9 @@
-"""Codeword-gradient sync: 2 gloo ranks on a split batch == 1 rank on the whole batch."""
+"""Codeword-gradient sync: 2 gloo ranks on a split batch == 1 rank on the whole batch.
+
+Three roads to the same weights: the eq. 6 transform with the codeword sums all-reduced
+(``GPUpdate``, the reference), the same transform after DDP's full all-reduce (naive), and
+the trainer's engine (G&P as a reparametrization: DDP reduces the K x d codeword gradients,
+one torch SGD steps everything, the residual's recursion hooked on it)."""
 
 import pytest
 import torch
@@ -10,6 +15,8 @@ from gppq_dist.pq.gp import Assignment, apply_gp_gradient, codeword_gradient_sum
 from gppq_dist.pq.kmeans import kmeans_many
 from gppq_dist.pq.plan import plan_layers
 from gppq_dist.pq.subvectors import to_subvectors
+from gppq_dist.pq import reparam
+from gppq_dist.pq.kmeans import LocalReducer
 from gppq_dist.train.engine import DDPEngine
 from gppq_dist.train.gp_update import GPUpdate
 from tests.distributed_helpers import run_gloo
@@ -70,21 +77,33 @@ def train(rank, world_size, naive=False):
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
+def dense_state(model):
+    """The model's tensors by their plain names (a reparametrized weight as rebuilt)."""
+    state = {}
+    for name, module in model.named_modules():
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            state[f"{name}.{key}" if name else key] = tensor.detach().clone()
+        if reparam.parametrize.is_parametrized(module, "weight"):
+            state[f"{name}.weight"] = module.weight.detach().clone()
+    return {k: v for k, v in state.items() if "parametrizations" not in k}
+
+
 def train_engine(rank, world_size):
-    """The trainer's step: DDPEngine (codeword sums + GPSGD, DDP and SGD for the rest)."""
+    """The trainer's step: the layers reparametrized, DDPEngine (DDP and one SGD for all)."""
     model = small_net()
     plans, assignments = quantize(model)
     ddp = world_size > 1
-    update = GPUpdate(model, plans, assignments, MU, ProcessGroupReducer() if ddp else None)
+    layers = reparam.attach_gp(model, plans, assignments, MU)
     hp = TrainConfig(batch_size=BATCH, lr=0.1, momentum=0.9, weight_decay=1e-4, mu=MU)  # optimizer_for's
-    engine = DDPEngine(model, update, hp, distributed=ddp)
+    engine = DDPEngine(model, hp, distributed=ddp, reducer=ProcessGroupReducer() if ddp else LocalReducer())
+    reparam.recursion_hook(engine.optimizer, layers)
     share = BATCH // world_size
     for images, labels in batches():
         images, labels = images[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
         loss = nn.functional.cross_entropy(engine.forward(images), labels)
         engine.backward(loss)
         assert engine.step(loss) is not None
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return dense_state(model)
 
 
 @pytest.mark.distributed
@@ -93,8 +112,9 @@ def test_two_ranks_with_codeword_sync_equal_one_rank_and_the_naive_path():
     synced = run_gloo(train, 2)
     naive = run_gloo(train, 2, True)
     engine = run_gloo(train_engine, 2)
+    engine_single = train_engine(0, 1)
     for name, expected in single.items():
-        for result in (synced[0], synced[1], naive[0], engine[0], engine[1]):
+        for result in (synced[0], synced[1], naive[0], engine[0], engine[1], engine_single):
             assert (result[name] - expected).abs().max() <= 1e-5, name
     assert any((single[n] - small_net().state_dict()[n]).abs().max() > 1e-3 for n in single)  # it trained
 

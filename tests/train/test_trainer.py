@@ -265,9 +265,10 @@ def test_two_torchrun_agents_meet_through_a_c10d_rendezvous(reference, tmp_path,
 
 @pytest.mark.distributed
 @pytest.mark.timeout(1500)  # a whole 2-rank run (or two) on 2 busy cores
-def test_deepspeed_zero2_trains_as_ddp_does_and_resumes_bit_identically(reference, tmp_path, digits_dir):
+def test_deepspeed_zero3_trains_as_ddp_does_and_resumes_bit_identically(reference, tmp_path, digits_dir):
+    """ZeRO-3 partitions every parameter, the codewords included (stages 0-2: test_deepspeed.py)."""
     config = digits_config(tmp_path, digits_dir, "two", engine="deepspeed",
-                           deepspeed_config=str(CONFIGS / "deepspeed" / "zero2.json"))
+                           deepspeed_config=str(CONFIGS / "deepspeed" / "zero3.json"))
     gppq("train", "--config", config, "--nproc", "2", check=True)
     summary = summary_of(tmp_path, "two")
     assert summary["engine"] == "deepspeed" and summary["world_size"] == 2
