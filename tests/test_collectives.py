@@ -25,8 +25,8 @@ from gppq_dist.errors import UserError
 from tests.conftest import ROOT, write_config
 from tests.distributed_helpers import free_port, run_gloo
 
-# collectives through the gateway in one training step: the codeword-gradient sums with
-# the loss riding along (G&P, two-stage), or the loss alone (straight-through methods)
+# collectives through the gateway in one training step: the loss verdict, for every method
+# (G&P's codeword gradients go through DDP's own buckets, as every other gradient)
 PER_STEP = {"gppq": 1, "two_stage_pq": 1, "clipq": 1, "tsq": 1}
 
 

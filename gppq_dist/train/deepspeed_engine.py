@@ -212,7 +212,10 @@ class DeepSpeedEngine:
         if self.stage < 3:
             return self.model.state_dict()
         with self.gathered():
-            return {name: value.clone() for name, value in self.model.state_dict().items()}
+            # the partitioned tensors come back whole only inside the block: copy them (G&P's
+            # extra state, psi and R0, is a dict of tensors every rank holds whole)
+            return {name: value.clone() if isinstance(value, torch.Tensor) else value
+                    for name, value in self.model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         ds_state = self.ds.optimizer.state_dict()

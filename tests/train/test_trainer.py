@@ -52,6 +52,12 @@ def assert_same_model(one_path, two_path):
             assert torch.equal(tensor, theirs[name]), f"{group}/{name}"
 
 
+def model_tensors(model_state):
+    """Every tensor of a checkpoint's model state, G&P's extra state (psi, R0) included."""
+    for value in model_state.values():
+        yield from (value.values() if isinstance(value, dict) else [value])
+
+
 def check_run(tmp_path, name):
     summary = summary_of(tmp_path, name)
     for key in ("baseline_top1", "direct_pq_top1", "top1_quantized", "top1_raw", "size_mb",
@@ -147,7 +153,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert kept[0].name in message
     state = torch.load(kept[0], weights_only=True)
     assert state["global_step"] < step
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in model_tensors(state["model"]) if t.is_floating_point())
     assert not (tmp_path / "runs" / "nan" / "summary.json").exists()
 
 
@@ -159,7 +165,7 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path, digits_dir):
     summary = summary_of(tmp_path, "bf16")
     assert summary["precision"] == "bf16" and summary["steps"] == 8
     state = torch.load(checkpoint.saved(tmp_path / "runs" / "bf16")[0], weights_only=True)
-    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in model_tensors(state["model"]) if t.is_floating_point())
     # the bf16 gradients reached the optimizer: BatchNorm's scales (not quantized, moved only
     # by their gradients and a 1e-8 weight decay) moved from their initial 1.0
     from gppq_dist.compress import load_model
