@@ -68,10 +68,6 @@ from gppq_dist.models import create_model
 from gppq_dist.pq.plan import LayerPlan
 from gppq_dist.train.schemes import GPScheme, Scheme
 
-# methods with no training loop: `gppq compress` codes them once
-UNTRAINED_HINT = "`gppq compress` (it needs no training loop)"
-
-
 def as_config(config: RunConfig | Mapping[str, Any] | str | Path) -> RunConfig:
     """A :class:`RunConfig` from a config object, a mapping (``name`` optional) or a YAML path."""
     if isinstance(config, RunConfig):
@@ -100,7 +96,8 @@ def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], contex
 
         return TSQScheme(model, plans, cfg, context, reducer, state, manifest)
     if name not in ("gppq", "two_stage_pq"):
-        raise ConfigError(f"method {name} does not train: compress with it through {UNTRAINED_HINT}")
+        raise ConfigError(f"method {name} does not train: compress with it through `gppq compress` "
+                          "(it needs no training loop)")
     two_stage = name == "two_stage_pq"
     codebooks = None
     if state is not None:

@@ -21,8 +21,7 @@ values into the weights around every step, are refused (the trainer says so).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +33,8 @@ from gppq_dist.train.engine import DDPEngine, sgd, trainable
 
 class FSDPEngine(DDPEngine):
     """FSDP2 over the whole model; one SGD over every (sharded) trainable parameter. The step
-    is the DDP engine's; the state differs."""
+    is the DDP engine's, and so is ``gathered`` (nothing to do: whoever reads a parameter
+    all-gathers it, ``full_tensor``); the state differs."""
 
     sharded = True
 
@@ -46,10 +46,6 @@ class FSDPEngine(DDPEngine):
         fsdp_shard(model)  # FSDP2 shards in place: the model is its own wrapper
         self.wrapped = model
         self.optimizer = sgd(trainable(model), hp)
-
-    def gathered(self) -> ContextManager[None]:
-        """Nothing to do here: whoever reads parameters all-gathers them (``full_tensor``)."""
-        return contextlib.nullcontext()
 
     def model_state(self) -> dict[str, Any]:
         """The model's state dict with every parameter whole (all-gathered: every rank calls)."""
