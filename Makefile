@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup demo test test-fast bench bench-methods gpu-check clean
+.PHONY: setup demo test test-fast bench bench-methods gpu-check data-fashion clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,21 @@ bench-methods: setup
 # on one GPU; without a CUDA device one line and exit 0
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
+
+# Fashion-MNIST as PNG class folders in data/fashion-mnist (train/ val/ test/); the IDX files
+# come from Debian's dataset-fashion-mnist (31 MB), installed here when missing and root.
+FASHION_IDX := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data-fashion: setup
+	@if [ ! -f $(FASHION_IDX) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
+	  else \
+	    echo "error: $(FASHION_IDX) is missing: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
+	$(BIN)/gppq data fashion-mnist --out data/fashion-mnist
 
 clean:
 	rm -rf runs data/digits .pytest_cache

@@ -57,6 +57,10 @@ def types(d3: int, k3: int, d1: int, k1: int, dl: int, kl: int) -> dict:
     return {"conv3x3": {"d": d3, "k": k3}, "conv1x1": {"d": d1, "k": k1}, "linear": {"d": dl, "k": kl}}
 
 
+def every_kind(setting: dict) -> dict:
+    return {kind: setting for kind in ("conv3x3", "conv1x1", "linear")}
+
+
 PQ = {"small": types(9, 256, 4, 256, 4, 2048), "large": types(18, 256, 4, 256, 4, 2048),
       "2bit": types(4, 256, 4, 256, 4, 256)}
 # method -> point -> (method section, quantization.types); a point a method cannot reach is absent
@@ -69,10 +73,10 @@ SETTINGS: dict[str, dict[str, tuple[dict, dict]]] = {
                     "large": ({"name": "pq_subspace"}, types(18, 8, 4, 8, 4, 8))},
     "residual_pq": {"small": ({"name": "residual_pq", "stages": 2}, types(9, 16, 4, 16, 4, 16)),
                     "large": ({"name": "residual_pq", "stages": 2}, types(18, 32, 4, 32, 4, 32))},
-    # CLIP-Q and TSQ code single weights: the rules only pick the layers
-    "clipq": {"small": ({"name": "clipq", "prune": 0.85, "bits": 2}, PQ["small"]),
-              "large": ({"name": "clipq", "prune": 0.905, "bits": 1}, PQ["small"])},
-    "tsq": {"2bit": ({"name": "tsq", "code_epochs": 4}, PQ["small"])},
+    # CLIP-Q and TSQ code single weights: CLIP-Q's rules are {prune, bits}, TSQ's {} (no settings)
+    "clipq": {"small": ({"name": "clipq"}, every_kind({"prune": 0.85, "bits": 2})),
+              "large": ({"name": "clipq"}, every_kind({"prune": 0.905, "bits": 1}))},
+    "tsq": {"2bit": ({"name": "tsq", "code_epochs": 4}, every_kind({}))},
 }
 TRAINED = ("gppq", "two_stage_pq", "clipq", "tsq")
 POINTS = ("small", "large", "2bit")

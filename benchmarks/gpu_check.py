@@ -416,9 +416,10 @@ def row_kmeans(args: argparse.Namespace, timeout: float, log: Path) -> dict[str,
     import torch  # before faiss (kmeans_vs_faiss imports it): one OpenMP runtime
     from kmeans_vs_faiss import cpu_model
 
-    from gppq_dist.compress import cluster, load_model
+    from gppq_dist.compress import cluster
     from gppq_dist.config import load_config
     from gppq_dist.distributed import DistContext
+    from gppq_dist.models import load_model
 
     config = ROOT / "configs" / "resnet50_small_blocks.yaml"
     iterations = 20

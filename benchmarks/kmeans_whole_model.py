@@ -27,9 +27,10 @@ def worker(config: str, iterations: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from gppq_dist.compress import cluster, load_model
+    from gppq_dist.compress import cluster
     from gppq_dist.config import load_config
     from gppq_dist.distributed import init_distributed, shutdown
+    from gppq_dist.models import load_model
 
     cfg = load_config(config, {"kmeans.iterations": iterations, "model.weights": "random"})
     context = init_distributed(device="cpu")

@@ -59,14 +59,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from gppq_dist.artifact import Artifact, write_artifact
-from gppq_dist.compress import artifact_info, cluster, plan_for
+from gppq_dist.artifact import Artifact, artifact_info, write_artifact
+from gppq_dist.compress import plan_for
 from gppq_dist.config import RunConfig, load_config, validate_config
 from gppq_dist.distributed import DistContext, current_context
 from gppq_dist.errors import ConfigError
-from gppq_dist.models import create_model
+from gppq_dist.methods.registry import method_spec
 from gppq_dist.pq.plan import LayerPlan
-from gppq_dist.train.schemes import GPScheme, Scheme
+from gppq_dist.train.schemes import Scheme
+
 
 def as_config(config: RunConfig | Mapping[str, Any] | str | Path) -> RunConfig:
     """A :class:`RunConfig` from a config object, a mapping (``name`` optional) or a YAML path."""
@@ -81,37 +82,17 @@ def as_config(config: RunConfig | Mapping[str, Any] | str | Path) -> RunConfig:
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,
                 state: dict[str, Any] | None, manifest: Any) -> Scheme:
-    """The method's scheme, from a checkpoint's ``state`` or fresh (its initial coding);
-    methods that calibrate on train batches read them from ``manifest``'s samples."""
-    name = cfg.method.name
-    if name in ("two_stage_pq", "tsq") and state is None and manifest is None:
-        raise ConfigError(f"method {name} calibrates on training batches: pass the run's data manifest "
-                          "(prepare(..., manifest=...)) or train it with `gppq train`")
-    if name == "clipq":
-        from gppq_dist.methods.clipq import ClipQScheme
-
-        return ClipQScheme(model, plans, reducer)
-    if name == "tsq":
-        from gppq_dist.methods.tsq import TSQScheme
-
-        return TSQScheme(model, plans, cfg, context, reducer, state, manifest)
-    if name not in ("gppq", "two_stage_pq"):
-        raise ConfigError(f"method {name} does not train: compress with it through `gppq compress` "
+    """The method's scheme (its registered factory), from a checkpoint's ``state`` or fresh
+    (its initial coding); methods that calibrate on train batches read them from
+    ``manifest``'s samples."""
+    spec = method_spec(cfg.method.name)
+    if spec.scheme is None:
+        raise ConfigError(f"method {spec.name} does not train: compress with it through `gppq compress` "
                           "(it needs no training loop)")
-    two_stage = name == "two_stage_pq"
-    codebooks = None
-    if state is not None:
-        psi = state["psi"]
-    elif two_stage:
-        from gppq_dist.methods.two_stage import layerwise_pq
-
-        psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer, manifest)
-    else:
-        psi = cluster(model, cfg, context, reducer).assignments
-    # two-stage PQ finetunes the codewords of snapped weights: no pull (mu = 0), and the
-    # weights stay exactly quantized
-    return GPScheme(model, plans, psi, 0.0 if two_stage else cfg.train.mu, codebooks, two_stage=two_stage,
-                    build=lambda: create_model(cfg.model.spec))
+    if spec.calibrates and state is None and manifest is None:
+        raise ConfigError(f"method {spec.name} calibrates on training batches: pass the run's data manifest "
+                          "(prepare(..., manifest=...)) or train it with `gppq train`")
+    return spec.scheme(cfg, model, plans, context, reducer, state, manifest)
 
 
 class Handle:

@@ -11,12 +11,14 @@ Contents (tensor names):
 - ``bn_scale/<bn>``, ``bn_shift/<bn>``: fp32, each BatchNorm folded to two vectors,
   ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``;
 - ``buffer/<name>``: any other buffer (none in torchvision ResNets);
-- ``pattern/<layer>``: a ``clipq`` layer's sparsity pattern, relative indices of
-  ``r`` bits bit-packed (:mod:`gppq_dist.pq.clipq`; ``r`` and the count are in the payload's
-  ``patterns``); its ``indices`` are those of the kept weights, its codebook the 2^b levels;
-- ``activation/<layer>``: fp32 ``[eps, step, levels]`` of a ``ternary`` (TSQ) layer's input
-  quantizer, applied at inference too (:func:`rebuild_model` installs it as a pre-hook); a
-  ``ternary`` layer's indices are 2-bit sign codes, its codebook one alpha per output row.
+- ``<extra>/<layer>``: the extra tensor of a layer whose codec keeps one
+  (:class:`~gppq_dist.pq.codecs.ExtraTensor`), its JSON metadata under the payload's
+  ``<extra>s``: ``pattern/<layer>``, a ``clipq`` layer's sparsity pattern, relative indices
+  of ``r`` bits bit-packed (:mod:`gppq_dist.pq.clipq`; ``r`` and the count in ``patterns``;
+  its ``indices`` are those of the kept weights, its codebook the 2^b levels);
+  ``activation/<layer>``, fp32 ``[eps, step, levels]`` of a ``ternary`` (TSQ) layer's input
+  quantizer, applied at inference too (:func:`rebuild_model` installs it as a pre-hook; a
+  ``ternary`` layer's indices are 2-bit sign codes, its codebook one alpha per output row).
 
 Metadata (the safetensors header, strings only): ``format`` = ``gppq``, ``format_version``,
 ``payload`` (JSON: architecture, per-layer layout, accounted size, config, preprocessing;
@@ -33,21 +35,25 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from gppq_dist.data.folder import preprocess_info
 from gppq_dist.errors import ArtifactError, ConfigError
 from gppq_dist.io import atomic_path
+from gppq_dist.methods.registry import method_spec
 from gppq_dist.models import ModelSpec, create_model, has_transient_buffers
 from gppq_dist.pq.accounting import account
-from gppq_dist.pq.clipq import best_gap_bits, gap_codes, mask_from_gap_codes, pattern_bytes
-from gppq_dist.pq.codec import decode_layer, pack_indices, unpack_indices
+from gppq_dist.pq.codec import pack_indices, unpack_indices
+from gppq_dist.pq.codecs import codec_for, decode_layer
 from gppq_dist.pq.plan import LayerPlan
-from gppq_dist.pq.ternary import InputQuantizer
+
+if TYPE_CHECKING:
+    from gppq_dist.config import RunConfig
 
 FORMAT = "gppq"
 # 2: per-layer codecs (version 1 files are all "pq" and read the same); 3: the clipq and
@@ -70,8 +76,9 @@ class Artifact:
     bn_shift: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # clipq: kept weights (flat bool)
-    activations: dict[str, torch.Tensor] = field(default_factory=dict)  # ternary: input quantizer
+    # per layer whose codec keeps one, its extra tensor: a clipq layer's kept weights (flat
+    # bool), a ternary layer's input quantizer
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None  # the file it was read from, for messages
 
     @property
@@ -90,7 +97,7 @@ class Artifact:
 
     def decoded_weight(self, name: str) -> torch.Tensor:
         plan = next(p for p in self.layers if p.name == name)
-        return decode_layer(plan, self.codebooks[name].float(), self.assignments[name], self.masks.get(name))
+        return decode_layer(plan, self.codebooks[name].float(), self.assignments[name], self.extras.get(name))
 
 
 def build_artifact(
@@ -99,20 +106,21 @@ def build_artifact(
     codebooks: dict[str, torch.Tensor],
     assignments: dict[str, torch.Tensor],
     info: dict[str, Any] | None = None,
-    masks: dict[str, torch.Tensor] | None = None,
-    activations: dict[str, torch.Tensor] | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> Artifact:
     """Package ``model`` (uncompressed params and BN stats) with the layers' codes.
 
     ``codebooks`` are stored in fp16; the model's quantized weights themselves are not read.
-    ``masks``: every ``clipq`` layer's kept weights; ``activations``: every ``ternary``
-    layer's input quantizer (``InputQuantizer.to_tensor``).
+    ``extras``: the extra tensor of every layer whose codec keeps one (a ``clipq`` layer's
+    kept weights, a ``ternary`` layer's ``InputQuantizer.to_tensor()``).
     """
-    masks = {n: m.detach().cpu().reshape(-1).bool() for n, m in (masks or {}).items()}
+    kept = {}
     for plan in plans:
-        if plan.codec == "clipq" and int(masks[plan.name].sum()) != plan.n_indices:
-            raise ValueError(f"layer {plan.name!r}: mask keeps {int(masks[plan.name].sum())} weights, "
-                             f"its plan {plan.n_indices}")
+        extra = codec_for(plan.codec).extra
+        if extra is not None:
+            if plan.name not in (extras or {}):
+                raise ValueError(f"layer {plan.name!r} ({plan.codec}) needs its {extra.name} tensor in extras")
+            kept[plan.name] = extra.check(plan, extras[plan.name])
     arch, num_classes = _identity(model, info)
     quantized = {_weight_name(plan.name) for plan in plans}
     params, buffers, bn_scale, bn_shift = {}, {}, {}, {}
@@ -133,7 +141,7 @@ def build_artifact(
             continue
         target = params if name in parameter_names else buffers
         target[name] = tensor.detach().float().cpu().contiguous()
-    report = account(model, plans, {n: pattern_bytes(m.numpy()) for n, m in masks.items()})
+    report = account(model, plans, kept)
     payload = {
         "arch": arch,
         "num_classes": num_classes,
@@ -152,8 +160,7 @@ def build_artifact(
         bn_shift=bn_shift,
         buffers=buffers,
         info=payload,
-        masks=masks,
-        activations={n: a.detach().float().cpu().reshape(3) for n, a in (activations or {}).items()},
+        extras=kept,
     )
 
 
@@ -171,26 +178,23 @@ def fold_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tenso
 def write_artifact(artifact: Artifact, path: str | Path) -> int:
     """Write atomically; returns the file's size in bytes."""
     tensors: dict[str, torch.Tensor] = {}
-    patterns = {}
+    metadata_of_extras: dict[str, dict[str, Any]] = {}  # payload key -> layer -> metadata
     for plan in artifact.layers:
         packed = pack_indices(artifact.assignments[plan.name], plan.index_bits)
         tensors[f"indices/{plan.name}"] = torch.from_numpy(packed)
         tensors[f"codebook/{plan.name}"] = artifact.codebooks[plan.name]
-        if plan.codec == "clipq":
-            mask = artifact.masks[plan.name].numpy()
-            bits, _ = best_gap_bits(mask)
-            codes = gap_codes(mask, bits)
-            tensors[f"pattern/{plan.name}"] = torch.from_numpy(pack_indices(torch.from_numpy(codes), bits))
-            patterns[plan.name] = [bits, int(codes.size)]
-        if plan.codec == "ternary":
-            tensors[f"activation/{plan.name}"] = artifact.activations[plan.name]
+        extra = codec_for(plan.codec).extra
+        if extra is not None:
+            stored, meta = extra.pack(plan, artifact.extras[plan.name])
+            tensors[f"{extra.name}/{plan.name}"] = stored
+            if meta is not None:
+                metadata_of_extras.setdefault(f"{extra.name}s", {})[plan.name] = meta
     tensors.update({f"param/{n}": t for n, t in artifact.params.items()})
     tensors.update({f"buffer/{n}": t for n, t in artifact.buffers.items()})
     tensors.update({f"bn_scale/{n}": t for n, t in artifact.bn_scale.items()})
     tensors.update({f"bn_shift/{n}": t for n, t in artifact.bn_shift.items()})
     payload = json.dumps(
-        {**artifact.info, "layers": [plan.to_dict() for plan in artifact.layers],
-         **({"patterns": patterns} if patterns else {})},
+        {**artifact.info, "layers": [plan.to_dict() for plan in artifact.layers], **metadata_of_extras},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -230,23 +234,21 @@ def read_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"'{path}' is corrupt: checksum mismatch (the file was altered or damaged)")
     payload = json.loads(payload_text)
     layers = [LayerPlan.from_dict(entry) for entry in payload.pop("layers")]
-    patterns = payload.pop("patterns", {})
     try:
+        coders = {plan.name: codec_for(plan.codec) for plan in layers}
+        extra_names = {coder.extra.name for coder in coders.values() if coder.extra is not None}
+        metadata_of_extras = {name: payload.pop(f"{name}s", {}) for name in sorted(extra_names)}
         assignments = {
             plan.name: unpack_indices(tensors[f"indices/{plan.name}"].numpy(), plan.index_bits, plan.n_indices)
             for plan in layers
         }
-        masks = {}
+        extras = {}
         for plan in layers:
-            if plan.codec != "clipq":
-                continue
-            bits, count = patterns[plan.name]
-            codes = unpack_indices(tensors[f"pattern/{plan.name}"].numpy(), bits, count).numpy()
-            masks[plan.name] = torch.from_numpy(mask_from_gap_codes(codes, bits, plan.n_subvectors))
-            if int(masks[plan.name].sum()) != plan.n_indices:
-                raise ValueError(f"the sparsity pattern of layer '{plan.name}' keeps {int(masks[plan.name].sum())} "
-                                 f"weights, its layout says {plan.n_indices}")
-        activations = {plan.name: tensors[f"activation/{plan.name}"] for plan in layers if plan.codec == "ternary"}
+            extra = coders[plan.name].extra
+            if extra is not None:
+                stored = tensors[f"{extra.name}/{plan.name}"]
+                meta = metadata_of_extras[extra.name].get(plan.name)
+                extras[plan.name] = extra.check(plan, extra.unpack(plan, stored, meta))
     except (KeyError, ValueError) as exc:
         raise ArtifactError(f"'{path}': inconsistent layer data: {exc}") from None
     for plan in layers:
@@ -268,8 +270,7 @@ def read_artifact(path: str | Path) -> Artifact:
         bn_shift=group("bn_shift/"),
         buffers=group("buffer/"),
         info=payload,
-        masks=masks,
-        activations=activations,
+        extras=extras,
         path=path,
     )
 
@@ -281,7 +282,7 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
 
     Each BatchNorm keeps its class but holds the folded vectors: ``weight = scale``,
     ``bias = shift``, ``running_mean = 0``, ``running_var = 1``, ``eps = 0``. A layer with an
-    input quantizer (TSQ) gets it as a forward pre-hook.
+    extra tensor gets what its codec installs (TSQ's input quantizer: a forward pre-hook).
     """
     spec = artifact.model_spec
     where = f"artifact '{artifact.path}'" if artifact.path else "artifact"
@@ -310,8 +311,10 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
     except RuntimeError as exc:
         raise ArtifactError(f"{where} does not fit a {spec.label}: {exc}") from None
     modules = dict(model.named_modules())
-    for name, values in artifact.activations.items():
-        modules[name].register_forward_pre_hook(InputQuantizer.from_tensor(values))
+    for plan in artifact.layers:
+        extra = codec_for(plan.codec).extra
+        if extra is not None:
+            extra.install(modules[plan.name], artifact.extras[plan.name])
     return model.eval()
 
 
@@ -325,6 +328,25 @@ def snap_model_(model: nn.Module, plans: list[LayerPlan], codebooks: dict[str, t
             codebook = codebooks[plan.name].to(torch.float16).to(weight.dtype)
             weight.copy_(decode_layer(plan, codebook, assignments[plan.name].to(weight.device)))
     return model
+
+
+def artifact_info(cfg: RunConfig, gamma: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The artifact's payload: what rebuilds the model (``arch``, or ``factory`` with its
+    ``factory_kwargs``; ``arch`` is then the factory's name), how it was made (``method``: a
+    method that trains is ``direct_pq`` here, its starting point, unless ``extra`` says
+    otherwise), the config."""
+    model = cfg.model.model_dump(mode="json")
+    recipe = {"factory": model["factory"], "factory_kwargs": model["kwargs"]} if cfg.model.factory else {}
+    return {
+        "arch": cfg.model.spec.label,
+        **recipe,
+        "num_classes": cfg.model.num_classes,
+        "method": "direct_pq" if method_spec(cfg.method.name).trains else cfg.method.name,
+        "gamma": gamma,
+        "preprocess": preprocess_info(cfg.data),
+        "config": cfg.model_dump(mode="json"),
+        **(extra or {}),
+    }
 
 
 def _identity(model: nn.Module, info: dict[str, Any] | None) -> tuple[str, int]:

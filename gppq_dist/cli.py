@@ -1,22 +1,25 @@
 """The ``gppq`` command line.
 
 A user's mistake (bad config, missing file, corrupt artifact) prints one ``error:`` line
-and exits with status 2; tracebacks are kept for bugs.
+and exits with status 2; tracebacks are kept for bugs (:mod:`gppq_dist.console`). The
+commands torchrun runs on every rank, ``train`` and ``compress``, live below this module
+(:mod:`gppq_dist.commands`); nothing in the package imports this one.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from gppq_dist import commands
+from gppq_dist.commands import ArchOption, ConfigOption, DeviceOption, JsonOption, SetOption, load_run_config
+from gppq_dist.console import print_json as _print_json
+from gppq_dist.console import run_app, stdout
 from gppq_dist.errors import UserError
 
 app = typer.Typer(
@@ -29,29 +32,6 @@ data_app = typer.Typer(
     no_args_is_help=True, help="Data sets: write the demo or synthetic data, check a data folder before training."
 )
 app.add_typer(data_app, name="data")
-stdout = Console()
-if not stdout.is_terminal:  # logs and pipes get whole table rows, not 80-column wraps
-    stdout = Console(width=160)
-
-ConfigOption = typer.Option(..., "--config", "-c", help="run config (YAML)")
-ArchOption = typer.Option(None, "--arch", help="override model.arch (any torchvision ResNet/ResNeXt/...)")
-SetOption = typer.Option(None, "--set", help="override a config key: KEY=VALUE (repeatable)")
-JsonOption = typer.Option(False, "--json", help="print one JSON object instead of a table")
-DeviceOption = typer.Option("auto", "--device",
-                            help="auto: one GPU per process when CUDA is visible, else the CPU; cpu; cuda")
-
-
-def _config(path: Path, arch: str | None = None, sets: list[str] | None = None):
-    from gppq_dist.config import load_config, parse_overrides
-
-    overrides = parse_overrides(sets or [])
-    if arch:  # --arch names a torchvision model: it replaces a factory the file may name
-        overrides.update({"model.arch": arch, "model.factory": None, "model.kwargs": {}})
-    return load_config(path, overrides)
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -68,7 +48,7 @@ def size(
     from gppq_dist.models import create_model
     from gppq_dist.pq.accounting import account
 
-    cfg = _config(config, arch, sets)
+    cfg = load_run_config(config, arch, sets)
     model = create_model(cfg.model.spec, device="meta")
     report = account(model, plan_for(model, cfg))
     label = cfg.model.spec.label
@@ -77,7 +57,7 @@ def size(
         return
     table = Table(title=f"{label} ({cfg.name}, {cfg.method.name}): accounted size")
     # CLIP-Q's sparsity pattern (estimated before training), TSQ's input quantizers
-    side = any(cost.pattern_bytes or cost.activation_bytes for cost in report.layers)
+    side = any(cost.extra_bytes for cost in report.layers)
     columns = ["layer", "shape", "d", "K", "subvectors", "indices", "index bits", "index B", "codebook B"]
     for column in columns + (["pattern/quantizer B"] if side else []):
         table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
@@ -85,7 +65,7 @@ def size(
         plan = cost.plan
         row = [plan.name, "x".join(map(str, plan.shape)), str(plan.d), str(plan.k), f"{plan.n_subvectors:,}",
                f"{plan.n_indices:,}", str(plan.index_bits), f"{cost.index_bytes:,.0f}", f"{cost.codebook_bytes:,}"]
-        table.add_row(*row, *([f"{cost.pattern_bytes + cost.activation_bytes:,.0f}"] if side else []))
+        table.add_row(*row, *([f"{cost.extra_bytes:,.0f}"] if side else []))
     stdout.print(table)
     stdout.print(
         f"quantized layers: {len(report.layers)}   coded: {report.quantized_bytes:,.0f} B   "
@@ -97,42 +77,9 @@ def size(
     )
 
 
-@app.command()
-def compress(
-    config: Path = ConfigOption,
-    weights: Optional[str] = typer.Option(
-        None, "--weights", help="state dict file (.safetensors/.pt), a torchvision weights name of the arch "
-        "(IMAGENET1K_V1, DEFAULT, ...) or 'random'; default: model.weights"
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact path; default: <run dir>/direct_pq.gppq"),
-    arch: Optional[str] = ArchOption,
-    sets: Optional[list[str]] = SetOption,
-    as_json: bool = JsonOption,
-    device: str = DeviceOption,
-) -> None:
-    """Direct PQ: k-means on the weights, no finetuning; writes a .gppq artifact.
-
-    Under torchrun (python -m gppq_dist.compress ...) the k-means is distributed.
-    """
-    from gppq_dist.compress import compress as run_compress
-    from gppq_dist.distributed import init_distributed, shutdown
-
-    cfg = _config(config, arch, sets)
-    context = init_distributed(device)
-    try:
-        summary = run_compress(cfg, out or cfg.run_dir / "direct_pq.gppq", context, weights)
-    finally:
-        shutdown()
-    if not context.is_main:
-        return
-    if as_json:
-        _print_json(summary)
-        return
-    stdout.print(
-        f"wrote {summary['artifact']}: {summary['file_bytes']:,} bytes, accounted "
-        f"{summary['accounted_mb']:.3f} MB, ratio {summary['ratio']:.1f}x, Gamma {summary['gamma']:.3e}, "
-        f"k-means {summary['kmeans_s']:.1f} s on {summary['world_size']} rank(s)"
-    )
+# train and compress are what torchrun runs on every rank (python -m gppq_dist.train, ...):
+# they live in gppq_dist.commands, below the command line
+app.command()(commands.compress)
 
 
 @app.command()
@@ -210,6 +157,23 @@ def data_digits(
     stdout.print(f"{out}: {manifest['train']} train and {manifest['val']} val images, 10 classes")
 
 
+@data_app.command("fashion-mnist")
+def data_fashion_mnist(
+    out: Path = typer.Option(..., "--out", help="output folder (train/, val/, test/ of class folders)"),
+    source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
+                                help="folder with the four IDX files (Debian's dataset-fashion-mnist puts them here)"),
+    val: int = typer.Option(5000, "--val", min=0, help="training images held out as val/ (stratified by class)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the val split: same seed, same bytes"),
+) -> None:
+    """Write Fashion-MNIST (70,000 28x28 greyscale images, 10 classes) as PNG class folders:
+    train/, a stratified val/ held out of the training images, and test/ (score it once)."""
+    from gppq_dist.data.fashion_mnist import write_fashion_mnist
+
+    manifest = write_fashion_mnist(out, source, val=val, seed=seed)
+    stdout.print(f"{out}: {manifest['train']:,} train, {manifest['val']:,} val and {manifest['test']:,} test "
+                 "images, 10 classes", markup=False, highlight=False)
+
+
 @data_app.command("synthetic")
 def data_synthetic(
     classes: int = typer.Option(..., "--classes", min=1, help="number of classes (folders c000, c001, ...)"),
@@ -266,42 +230,7 @@ def _image_size(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-@app.command()
-def train(
-    config: Path = ConfigOption,
-    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (runs torchrun for N > 1)"),
-    max_restarts: int = typer.Option(0, "--max-restarts", min=0,
-                                     help="with --nproc: torchrun restarts after a failed rank (resuming)"),
-    resume: str = typer.Option("none", "--resume", help="auto: continue from the newest checkpoint; none: start fresh"),
-    sets: Optional[list[str]] = SetOption,
-    device: str = DeviceOption,
-) -> None:
-    """Compress with the config's method (default G&P PQ: k-means, then the progressive
-    update); writes <run dir>/gppq.gppq and summary.json.
-
-    Identical to: torchrun --nproc_per_node=N [--max-restarts=R] -m gppq_dist.train --config CFG
-    """
-    import os
-
-    from gppq_dist.distributed import init_distributed, launch_local, shutdown
-
-    if nproc > 1 and "RANK" not in os.environ:
-        args = ["--config", str(config), "--resume", resume, "--device", device]
-        for item in sets or []:
-            args += ["--set", item]
-        raise typer.Exit(launch_local(nproc, "gppq_dist.train", args, max_restarts, device))
-    from gppq_dist.methods import result_line, run
-
-    if resume not in ("auto", "none"):
-        raise UserError(f"--resume: expected 'auto' or 'none', got {resume!r}")
-    cfg = _config(config, None, sets)
-    context = init_distributed(device)
-    try:
-        summary = run(cfg, context, resume=resume == "auto")
-    finally:
-        shutdown()
-    if context.is_main:
-        stdout.print(result_line(summary), markup=False, highlight=False)
+app.command()(commands.train)
 
 
 @app.command("fetch-weights")
@@ -330,7 +259,7 @@ def pretrain(
     """Train the uncompressed baseline (cached in the run folder)."""
     from gppq_dist.pretrain import pretrain as run_pretrain
 
-    summary = run_pretrain(_config(config, None, sets), force=force, device=device)
+    summary = run_pretrain(load_run_config(config, None, sets), force=force, device=device)
     stdout.print(f"baseline {summary['weights']}: top-1 {summary['top1']:.2f}%"
                  + (" (cached)" if summary["cached"] else ""))
 
@@ -347,7 +276,7 @@ def demo(
     """The whole flow on the digits data: data, baseline (cached), direct PQ, G&P PQ, table."""
     from gppq_dist.demo import run_demo
 
-    rows = run_demo(_config(config, None, sets), config, sets or [], nproc, device)
+    rows = run_demo(load_run_config(config, None, sets), config, sets or [], nproc, device)
     table = Table(title="demo: ResNet-18 on digits, compressed")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -367,15 +296,7 @@ register_tracking(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gppq_dist.progress import setup_logging
-
-    setup_logging()
-    try:
-        app(args=argv, prog_name="gppq")
-    except UserError as exc:
-        message = Text.assemble(("error: ", "bold red"), str(exc))
-        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
-        sys.exit(2)
+    run_app(app, argv, prog_name="gppq")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ cannot apply to the model is a :class:`~gppq_dist.errors.ConfigError` whose one 
 names the file, the key and what was expected.
 
 Layer rules come in three tiers, resolved per layer as name, then type, then default
-(the shape of the paper's Table 1)::
+(the shape of the paper's Table 1), for every method::
 
     quantization:
       skip_first_conv: true          # the stem is never quantized (DESIGN §2)
@@ -16,45 +16,64 @@ Layer rules come in three tiers, resolved per layer as name, then type, then def
         linear:  {d: 4, k: 2048}
       names:                         # regex on the module name (full match), first wins;
         "layer4\\.1\\.conv2": {d: 18, k: 256}   # null leaves that layer alone
+
+A rule's value is the method's layer settings, checked as the method's layer type
+(:attr:`MethodSpec.layer <gppq_dist.methods.base.MethodSpec>`): ``{d, k}`` for the PQ
+methods (``d: 1`` for ``kmeans_scalar``), ``{prune, bits}`` for ``clipq``, ``{}`` for ``tsq``
+(the rule picks the layer, which has no settings). ``method:`` is one of the registered
+methods (:mod:`gppq_dist.methods.registry`); the schema follows the registry, so a method
+registered at run time is a valid ``method.name`` from then on.
+
+Old configs: CLIP-Q's ``method.prune``, ``method.bits`` and ``method.layers``, and ``{d, k}``
+rules under ``clipq`` or ``tsq`` (which only chose the layers then) are not translated but
+refused with one error naming the old key and giving the ``quantization`` section to write
+instead, computed from the file (:data:`MethodSpec.legacy
+<gppq_dist.methods.base.LegacyCheck>`). Translating silently would be exact for TSQ and for
+CLIP-Q without ``method.layers``, but not with it (those patterns applied only to layers the
+``{d, k}`` rules had picked; as names rules they pick layers on their own), and a run's
+``config.yaml`` and artifact would then record settings nobody wrote. Every other config
+(the PQ methods' ``{d, k}`` rules) reads as before.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from typing_extensions import TypeVar
 
 from gppq_dist.errors import ConfigError, UserError
+from gppq_dist.methods.base import RULE_TIERS, LayerQuant, Strict
+from gppq_dist.methods.gppq import GPPQMethod
+from gppq_dist.methods.registry import METHODS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYER_KIND = re.compile(r"conv\d+(x\d+)*|linear")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+Layer = TypeVar("Layer", default=LayerQuant)
 
 
-class LayerQuant(_Strict):
-    """Product quantization of one layer: subvectors of length ``d``, ``k`` codewords."""
+class QuantizationConfig(Strict, Generic[Layer]):
+    """Which layers are coded, each rule a ``Layer`` (the method's layer settings; by itself,
+    the PQ methods' ``{d, k}``)."""
 
-    d: int = Field(gt=0, description="subvector length")
-    k: int = Field(gt=0, description="codewords in the layer's joint codebook (a power of two)")
-
-    @field_validator("k")
-    @classmethod
-    def _power_of_two(cls, k: int) -> int:
-        if k & (k - 1):
-            raise ValueError(f"must be a power of two so indices pack to log2(k) bits, got {k}")
-        return k
-
-
-class QuantizationConfig(_Strict):
     skip_first_conv: bool = True
     on_indivisible: Literal["error", "skip"] = Field(
         "error",
@@ -62,9 +81,9 @@ class QuantizationConfig(_Strict):
         "e.g. a depthwise 3x3 conv (rows of 9) under d: 4: error (one error naming the layer and the divisors), or "
         "skip (the layer stays fp32, and one INFO line lists every layer so left)",
     )
-    default: LayerQuant | None = None
-    types: dict[str, LayerQuant | None] = Field(default_factory=dict)
-    names: dict[str, LayerQuant | None] = Field(default_factory=dict)
+    default: Layer | None = None
+    types: dict[str, Layer | None] = Field(default_factory=dict)
+    names: dict[str, Layer | None] = Field(default_factory=dict)
 
     @field_validator("types")
     @classmethod
@@ -91,7 +110,7 @@ def _regex_keys(mapping: dict[str, Any]) -> dict[str, Any]:
     return mapping
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """The model: a torchvision ``arch``, or a ``factory`` called with ``kwargs``; exactly one.
 
     A factory builds models beyond torchvision, e.g. (with timm installed)::
@@ -174,7 +193,7 @@ class ModelConfig(_Strict):
         return ModelSpec(num_classes=self.num_classes, arch=self.arch, factory=self.factory, kwargs=dict(self.kwargs))
 
 
-class KMeansConfig(_Strict):
+class KMeansConfig(Strict):
     iterations: int = Field(20, gt=0, description="Lloyd iterations (stops early at a fixed point)")
     seed: int = 0
     init_sample: int = Field(
@@ -184,7 +203,7 @@ class KMeansConfig(_Strict):
     chunk_mb: int = Field(64, gt=0, description="memory budget of one distance block (torch kernel)")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     root: str = "data/imagenet"
     image_size: int = Field(224, gt=0, description="train crop and val center crop")
     resize_size: int = Field(256, gt=0, description="val: shorter side resized to this first")
@@ -203,7 +222,7 @@ class DataConfig(_Strict):
     val_list: str | None = Field(None, description="file list ('path label' per line) for val")
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     """Training of the uncompressed baseline (the demo's starting point)."""
 
     epochs: int = Field(15, gt=0)
@@ -214,7 +233,7 @@ class PretrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """G&P PQ training (paper §4.1 defaults): SGD, ReduceLROnPlateau on the val loss."""
 
     epochs: int = Field(30, gt=0)
@@ -244,7 +263,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     """MLflow tracking (rank 0 only)."""
 
     enabled: bool = True
@@ -256,7 +275,7 @@ class TrackingConfig(_Strict):
     log_every: int = Field(10, gt=0, description="steps between per-step metric records")
 
 
-class LaunchConfig(_Strict):
+class LaunchConfig(Strict):
     """Defaults for `gppq submit` / `gppq sweep` (each can be overridden on the command line)."""
 
     nodes: int = Field(1, gt=0)
@@ -269,143 +288,58 @@ class LaunchConfig(_Strict):
     folder: str = Field("runs/slurm", description="submitit's logs and pickles")
 
 
-class GPPQMethod(_Strict):
-    """G&P PQ (the paper): k-means once, then the progressive update (``train.*``)."""
-
-    name: Literal["gppq"] = "gppq"
-
-
-class DirectPQMethod(_Strict):
-    """k-means per layer (joint codebook), snap, no training."""
-
-    name: Literal["direct_pq"]
+@functools.lru_cache(maxsize=8)
+def _method_union(config_types: tuple[type[BaseModel], ...]) -> TypeAdapter:
+    """The ``method:`` schema: the registered methods' config types, told apart by ``name``."""
+    return TypeAdapter(Annotated[Union[config_types], Field(discriminator="name")])
 
 
-class KMeansScalarMethod(_Strict):
-    """Gong et al. 2014: scalar k-means of all weights of a layer (every rule's d must be 1,
-    K levels), no training."""
-
-    name: Literal["kmeans_scalar"]
-
-
-class PQSubspaceMethod(_Strict):
-    """Gong et al. 2014: PQ with a codebook of its own per sub-space, no training."""
-
-    name: Literal["pq_subspace"]
-
-
-class ResidualPQMethod(_Strict):
-    """Gong et al. 2014: residual quantization in ``stages`` stages, no training."""
-
-    name: Literal["residual_pq"]
-    stages: int = Field(2, ge=1, le=8, description="codebooks per layer, each coding the residual of the ones before")
-
-
-class TwoStagePQMethod(_Strict):
-    """"And the Bit Goes Down": layer by layer in network order, cluster the subvectors
-    (weighted by the layer's input activations, to minimise the output reconstruction
-    error, when ``activation_weighted``), then finetune only the codewords (``train.*``,
-    gradients averaged per codeword; the weights stay exactly quantized)."""
-
-    name: Literal["two_stage_pq"]
-    activation_weighted: bool = True
-    calibration_batches: int = Field(4, gt=0, description="train batches whose activations weight the k-means")
-
-
-class ClipQLayer(_Strict):
-    prune: float = Field(ge=0.0, lt=1.0, description="fraction of the layer's weights pruned (smallest magnitude)")
-    bits: int = Field(ge=1, le=8, description="the kept weights take 2^bits levels")
-
-
-class ClipQMethod(_Strict):
-    """CLIP-Q: per layer a pruning fraction and a bit width; every step the full-precision
-    weights (which keep training, ``train.*``) are pruned and quantized for the forward
-    pass. The layers are those the ``quantization`` rules pick (their d and k are not used);
-    ``layers`` sets (prune, bits) by layer name (regex, full match, first wins). The paper's
-    Bayesian-optimisation search for per-layer settings is not part of this method: set them."""
-
-    name: Literal["clipq"]
-    prune: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of every layer's weights pruned")
-    bits: int = Field(2, ge=1, le=8, description="the kept weights of every layer take 2^bits levels")
-    layers: dict[str, ClipQLayer] = Field(default_factory=dict, description="per-layer (prune, bits) by name regex")
-
-    @field_validator("layers")
-    @classmethod
-    def _patterns_compile(cls, layers: dict[str, ClipQLayer]) -> dict[str, ClipQLayer]:
-        return _regex_keys(layers)
-
-    def setting(self, layer: str) -> tuple[float, int]:
-        """``(prune, bits)`` of the named layer."""
-        for pattern, rule in self.layers.items():
-            if re.fullmatch(pattern, layer):
-                return rule.prune, rule.bits
-        return self.prune, self.bits
-
-
-class TSQMethod(_Strict):
-    """Two-Step Quantization: step 1 trains the network with sparse-quantized inputs to the
-    coded layers (``code_epochs`` epochs, full-precision weights), step 2 makes every coded
-    layer ternary ({-alpha, 0, +alpha} per output row) by iterative least squares against
-    its response to the codes, layer by layer in network order; then ``train.epochs`` of
-    finetuning (straight-through). The inputs stay quantized at inference. Layers: those
-    the ``quantization`` rules pick (d and k not used); the ternary weights cost 2 bits."""
-
-    name: Literal["tsq"]
-    activation_bits: int = Field(2, ge=1, le=8, description="inputs take 0 or one of 2^bits - 1 levels")
-    activation_sparsity: float = Field(0.5, ge=0.0, lt=1.0,
-                                       description="fraction of a layer's calibration inputs set to 0")
-    code_epochs: int = Field(1, ge=0, description="epochs of step 1 (quantized inputs, full-precision weights)")
-    calibration_batches: int = Field(4, gt=0, description="train batches per rank for the quantizers and step 2")
-    ls_iterations: int = Field(3, gt=0, description="alternations of alpha and the ternary codes in step 2")
-    ridge: float = Field(0.01, ge=0.0, description="step 2: this fraction of the mean input energy on the diagonal")
-
-
-MethodConfig = Annotated[
-    GPPQMethod | DirectPQMethod | KMeansScalarMethod | PQSubspaceMethod | ResidualPQMethod | TwoStagePQMethod
-    | ClipQMethod | TSQMethod,
-    Field(discriminator="name"),
-]
-METHODS: dict[str, type[BaseModel]] = {
-    typing.get_args(cls.model_fields["name"].annotation)[0]: cls
-    for cls in (GPPQMethod, DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod, TwoStagePQMethod,
-                ClipQMethod, TSQMethod)
-}
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str
     output_dir: str = "runs"
     seed: int = 0
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    quantization: QuantizationConfig
+    # before quantization: the rules are checked as the method's layer settings
+    method: Any = Field(default_factory=GPPQMethod, description="one of the registered methods' config types")
+    quantization: SerializeAsAny[QuantizationConfig]
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    method: MethodConfig = Field(default_factory=GPPQMethod)
 
     @model_validator(mode="before")
     @classmethod
     def _method_by_name(cls, raw: Any) -> Any:
-        """``method: residual_pq`` is short for ``method: {name: residual_pq}``."""
+        """``method: residual_pq`` is short for ``method: {name: residual_pq}``; settings of a
+        method in an old form are one error saying what to write instead."""
         if isinstance(raw, dict) and isinstance(raw.get("method"), str):
             raw = {**raw, "method": {"name": raw["method"]}}
+        if isinstance(raw, dict) and isinstance(raw.get("method"), dict):
+            spec = METHODS.get(raw["method"].get("name", "gppq"))
+            quantization = raw.get("quantization") if isinstance(raw.get("quantization"), dict) else {}
+            message = spec.legacy(raw["method"], quantization) if spec and spec.legacy else None
+            if message:
+                raise ValueError(message)
         return raw
 
-    @model_validator(mode="after")
-    def _scalar_rules_have_d_1(self) -> "RunConfig":
-        if self.method.name == "kmeans_scalar":
-            q = self.quantization
-            rules = [("quantization.default", q.default)]
-            rules += [(f"quantization.types.{kind}", rule) for kind, rule in q.types.items()]
-            rules += [(f"quantization.names[{pattern!r}]", rule) for pattern, rule in q.names.items()]
-            for key, rule in rules:
-                if rule is not None and rule.d != 1:
-                    raise ValueError(f"{key}.d = {rule.d}: method kmeans_scalar quantizes single weights, "
-                                     "so d must be 1 (k is the number of levels)")
-        return self
+    @field_validator("method", mode="before")
+    @classmethod
+    def _registered_method(cls, method: Any) -> BaseModel:
+        """One of the registered methods' config types, by ``name``."""
+        return _method_union(tuple(spec.config for spec in METHODS.values())).validate_python(method)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _rules_of_the_method(cls, quantization: Any, info: ValidationInfo) -> Any:
+        """The rules checked as the method's layer settings (unchecked when the method is not
+        valid: that error is the one to report)."""
+        method = info.data.get("method")
+        layer = METHODS[method.name].layer if method is not None else Any
+        if isinstance(quantization, QuantizationConfig):
+            quantization = quantization.model_dump()
+        return QuantizationConfig[layer].model_validate(quantization)
 
     @property
     def run_dir(self) -> Path:
@@ -472,12 +406,15 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:  # pydantic puts the union's tag in
         loc = ("method", *loc[2:])
+    if len(loc) >= 2 and loc[0] == "quantization" and str(loc[1]).startswith("QuantizationConfig["):
+        loc = ("quantization", *loc[2:])  # and the generic rules' class name, where it shows
     key = ".".join(str(p) for p in loc) or "<top level>"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1], raw)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        return f"unknown key '{key}'{suggestion}; expected one of: {', '.join(allowed)}"
+        expected = f"expected one of: {', '.join(allowed)}" if allowed else "expected no keys"
+        return f"unknown key '{key}'{suggestion}; {expected}"
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     if err["type"] == "union_tag_invalid":
@@ -489,13 +426,18 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
 
 
 def _allowed_keys(loc: tuple[Any, ...], raw: Any = None) -> list[str]:
-    """Field names of the sub-model at ``loc`` (dict keys in ``loc`` are stepped over)."""
+    """Field names of the sub-model at ``loc`` (dict keys in ``loc`` are stepped over); the
+    method section and the layer rules are the config's method's."""
     model: Any = RunConfig
-    if loc and loc[0] == "method":
-        method = raw.get("method") if isinstance(raw, dict) else None
-        method = method.get("name", "gppq") if isinstance(method, dict) else method
-        if method in METHODS:
-            return list(METHODS[method].model_fields)
+    method = raw.get("method") if isinstance(raw, dict) else None
+    method = method.get("name", "gppq") if isinstance(method, dict) else (method or "gppq")
+    spec = METHODS.get(method)
+    if spec is not None and loc[:1] == ("method",):
+        return list(spec.config.model_fields)
+    is_rule = len(loc) >= 2 and loc[0] == "quantization" and loc[1] in RULE_TIERS
+    is_rule = is_rule and len(loc) == (2 if loc[1] == "default" else 3)
+    if spec is not None and is_rule:
+        return list(spec.layer.model_fields)
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             break

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,23 @@ def _record(op: str, tensor: torch.Tensor | None = None) -> None:
             None if tensor is None else tensor.numel()))
 
 
+class Reducer(Protocol):
+    """What the distributed math is handed (k-means, calibration, evaluation): sums tensors
+    across processes in place and broadcasts from one rank. :class:`ProcessGroupReducer`
+    runs them on the default process group; :class:`gppq_dist.pq.kmeans.LocalReducer` is
+    the identity of a single process (it needs no ``torch.distributed``, so the math keeps
+    it). Anything with these four members will do (another framework's process group)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None: ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
+
+
 class ProcessGroupReducer:
-    """:class:`gppq_dist.pq.kmeans.Reducer` over the default process group.
+    """:class:`Reducer` over the default process group.
 
     ``device``: where the collectives run (the process's device); a tensor elsewhere is
     copied there and back. Default: the current CUDA device under a CUDA group, else the CPU.
@@ -242,7 +257,7 @@ def current_context(device: torch.device | str) -> DistContext:
     return DistContext(rank=0, world_size=1, local_rank=0, device=device, group=False)
 
 
-def reducer_for(context: DistContext):
+def reducer_for(context: DistContext) -> Reducer:
     """The reducer for this process: the process group (on the context's device) whenever
     one is up, world size 1 included; the local identity otherwise."""
     from gppq_dist.pq.kmeans import LocalReducer

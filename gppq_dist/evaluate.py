@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from gppq_dist.pq.kmeans import Reducer
 from gppq_dist.progress import progress_bar
+
+if TYPE_CHECKING:
+    from gppq_dist.distributed import Reducer
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -49,6 +49,9 @@ from torch.overrides import TorchFunctionMode
 
 from gppq_dist.errors import ConfigError, UserError
 from gppq_dist.io import atomic_path
+
+if TYPE_CHECKING:
+    from gppq_dist.config import RunConfig
 
 WEIGHTS_NAME = re.compile(r"(?:(?P<enum>[A-Za-z0-9]+_Weights)\.)?(?P<member>[A-Z][A-Z0-9_]*)")
 # "package.module:function", the attribute optionally dotted ("module:Class.create")
@@ -371,6 +374,18 @@ def load_weights(model: nn.Module, source: str | Path, key: str = "model.weights
         problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
     if problems:
         raise UserError(f"{key}: {where} does not fit the model ({'; '.join(problems)})")
+
+
+def load_model(cfg: RunConfig, weights: str | None = None) -> nn.Module:
+    """The config's model (``model.arch`` or ``model.factory``) with ``weights`` (or
+    ``model.weights``): a file, torchvision weights of the arch by name, or ``random``
+    (initialised under ``cfg.seed``); in eval mode."""
+    source = weights or cfg.model.weights
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.spec)
+    if source != "random":
+        load_weights(model, source, key="--weights" if weights else "model.weights")
+    return model.eval()
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -10,9 +10,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-import yaml
+# One OpenMP thread per process, for this process and every process a test starts (set
+# before torch is imported; children inherit it). The suite runs several torch processes at
+# once on a 2-core machine, where torch's default of a thread per core makes every small op
+# wait at its OpenMP barrier for a thread the scheduler has parked (the threads spin): the
+# k-means of `gppq compress` on ResNet-18 took 15 s with one thread and 39-86 s with two
+# beside a busy process. torchrun sets the same for its ranks; this covers the
+# one-process runs and the test process itself.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+torch.set_num_threads(1)  # in case a plugin imported torch before this file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -30,6 +41,16 @@ def _mlflow_store(tmp_path_factory):
     pass tracking.uri explicitly)."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def every_kind(setting: dict | None) -> dict:
+    """A ``quantization`` section coding every 3x3 conv, 1x1 conv and Linear with one layer
+    setting (CLIP-Q's ``{prune, bits}``, TSQ's ``{}``), the stem left alone."""
+    return {"types": {kind: setting for kind in ("conv3x3", "conv1x1", "linear")}}
+
+
+CLIPQ_RULES = every_kind({"prune": 0.8, "bits": 2})
+TSQ_RULES = every_kind({})
 
 
 def write_config(directory: Path, name: str = "tiny", **sections) -> Path:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gppq_dist.artifact import read_artifact, rebuild_model, snap_model_, write_artifact
-from gppq_dist.compress import artifact_info, cluster, load_model
+from gppq_dist.artifact import artifact_info, read_artifact, rebuild_model, snap_model_, write_artifact
+from gppq_dist.compress import cluster
 from gppq_dist.config import load_config
 from gppq_dist.distributed import DistContext
 from gppq_dist.errors import ArtifactError
+from gppq_dist.models import load_model
 from tests.conftest import write_config
 
 LOCAL = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

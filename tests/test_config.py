@@ -7,7 +7,7 @@ import yaml
 
 from gppq_dist.config import RunConfig, load_config, parse_overrides, validate_config
 from gppq_dist.errors import ConfigError
-from tests.conftest import CONFIGS, gppq, write_config
+from tests.conftest import CLIPQ_RULES, CONFIGS, TSQ_RULES, gppq, write_config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -118,15 +118,47 @@ def test_run_config_has_a_run_dir(tmp_path):
     assert isinstance(cfg, RunConfig) and cfg.run_dir == Path(tmp_path / "runs" / "tiny")
 
 
-def test_clipq_and_tsq_settings_are_checked_by_key(tmp_path):
-    path = write_config(tmp_path, method={"name": "clipq", "layers": {"layer4\\..*": {"prune": 0.9, "bits": 1}}})
+def test_layer_rules_are_checked_as_the_methods_layer_settings(tmp_path):
+    rules = {**CLIPQ_RULES, "names": {"layer4\\..*": {"prune": 0.9, "bits": 1}, "fc": None}}
+    path = write_config(tmp_path, method="clipq", quantization=rules)
     cfg = load_config(path)
-    assert cfg.method.setting("layer4.0.conv1") == (0.9, 1) and cfg.method.setting("layer1.0.conv1") == (0.8, 2)
-    with pytest.raises(ConfigError, match=r"method.prune: .*less than 1.*\(got 1.0\)"):
-        load_config(path, {"method.prune": 1.0})
-    bad = write_config(tmp_path, name="bad", method={"name": "clipq", "layers": {"layer(": {"prune": 0.5, "bits": 2}}})
-    with pytest.raises(ConfigError, match=r"method.layers: 'layer\(' is not a valid regular expression"):
-        load_config(bad)
+    assert (cfg.quantization.names["layer4\\..*"].prune, cfg.quantization.types["linear"].bits) == (0.9, 2)
+    with pytest.raises(ConfigError, match=r"quantization.types.linear.prune: .*less than 1.*\(got 1.0\)"):
+        load_config(path, {"quantization.types.linear.prune": 1.0})
+    with pytest.raises(ConfigError, match=r"unknown key 'quantization.names.fc.bitz' \(did you mean 'bits'\?\); "
+                                          r"expected one of: prune, bits"):
+        load_config(path, {"quantization.names.fc": {"prune": 0.5, "bitz": 2}})
+    tsq = write_config(tmp_path, name="tsq", method="tsq", quantization=TSQ_RULES)
+    assert load_config(tsq).quantization.types["conv3x3"] is not None
+    with pytest.raises(ConfigError, match=r"unknown key 'quantization.types.linear.bits'; expected no keys"):
+        load_config(tsq, {"quantization.types.linear": {"bits": 2}})
     with pytest.raises(ConfigError, match=r"unknown key 'method.stages'; expected one of: .*code_epochs"):
-        load_config(path, {"method": "tsq", "method.stages": 2})
-    assert load_config(path, {"method": "tsq"}).method.code_epochs == 1
+        load_config(tsq, {"method.stages": 2})
+    # the same rules under a PQ method are {d, k}
+    with pytest.raises(ConfigError, match=r"unknown key 'quantization.types.conv3x3.prune'; expected one of: d, k"):
+        load_config(path, {"method": "gppq"})
+
+
+def test_old_clipq_and_tsq_settings_are_one_error_with_what_to_write(tmp_path):
+    old = write_config(tmp_path, name="old", method={"name": "clipq", "prune": 0.9,
+                                                     "layers": {"layer4\\..*": {"prune": 0.95, "bits": 1}}},
+                       quantization={"names": {"fc": None}})
+    message = error_of_path(old)
+    assert "\n" not in message and message.startswith(f"{old}: method.prune, method.layers: ")
+    written = yaml.safe_load(message.split("write quantization: ")[1])
+    setting = {"prune": 0.9, "bits": 2}  # method.bits as it defaulted
+    assert written == {"types": {"conv3x3": setting, "conv1x1": setting, "linear": setting},
+                       "names": {"fc": None, "layer4\\..*": {"prune": 0.95, "bits": 1}}}
+    cfg = load_config(old, {"method": "clipq", "quantization": written})  # what it says loads
+    assert cfg.quantization.names["layer4\\..*"].bits == 1
+    tsq = write_config(tmp_path, name="tsq", method="tsq")  # {d, k} rules that only picked the layers
+    message = error_of_path(tsq)
+    assert message.startswith(f"{tsq}: quantization.types.conv3x3.d: method tsq ")
+    assert yaml.safe_load(message.split("write quantization: ")[1]) == TSQ_RULES
+    assert_one_clean_error(gppq("size", "--config", old), "method.prune, method.layers", "write quantization: ")
+
+
+def error_of_path(path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)

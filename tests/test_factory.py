@@ -14,11 +14,10 @@ import torch
 import torchvision
 
 from gppq_dist import cli
-from gppq_dist.artifact import Artifact, read_artifact, rebuild_model, snap_model_
-from gppq_dist.compress import artifact_info, load_model
+from gppq_dist.artifact import Artifact, artifact_info, read_artifact, rebuild_model, snap_model_
 from gppq_dist.config import load_config
 from gppq_dist.errors import ArtifactError, ConfigError
-from gppq_dist.models import ModelSpec, create_model
+from gppq_dist.models import ModelSpec, create_model, load_model
 from tests.conftest import gppq, write_config
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -9,10 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from gppq_dist.compress import load_model
 from gppq_dist.config import load_config
 from gppq_dist.errors import ConfigError, UserError
-from gppq_dist.models import build_model, fetch_weights, is_weights_name, load_weights
+from gppq_dist.models import build_model, fetch_weights, is_weights_name, load_model, load_weights
 from tests.conftest import CONFIGS, gppq, write_config
 
 

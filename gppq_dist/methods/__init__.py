@@ -1,43 +1,40 @@
-"""Compression methods: one handler per ``method:`` config type, dispatched on its type.
+"""Compression methods: one module per method, registered in :mod:`gppq_dist.methods.registry`.
 
 ``run(cfg, context, resume)`` is what ``gppq train`` and ``torchrun -m gppq_dist.train``
-call. Every handler writes the same run folder (``config.yaml``, ``gppq.gppq``,
+call. Every method writes the same run folder (``config.yaml``, ``gppq.gppq``,
 ``summary.json`` with the same keys, MLflow records by rank 0), so runs of different methods
 compare side by side (``gppq compare``).
 
-- G&P PQ and two-stage PQ train (:mod:`gppq_dist.train.trainer`, distributed);
-- direct PQ and Gong et al.'s scalar k-means, sub-space PQ and residual PQ do not
-  (:mod:`gppq_dist.methods.untrained`).
+- the methods that train (G&P PQ, two-stage PQ, CLIP-Q, TSQ) run the trainer
+  (:mod:`gppq_dist.train.trainer`, distributed) with their scheme;
+- direct PQ and Gong et al.'s scalar k-means, sub-space PQ and residual PQ code the weights
+  once (:mod:`gppq_dist.methods.untrained`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # this module stays light: the command line imports it at start-up
     from gppq_dist.config import RunConfig
     from gppq_dist.distributed import DistContext
 
-Handler = Callable[["RunConfig", "DistContext", bool], dict[str, Any]]
-HANDLERS: dict[type, Handler] = {}
-
-
-def handles(*config_types: type) -> Callable[[Handler], Handler]:
-    """Register the decorated function as the handler of these method config types."""
-
-    def register(handler: Handler) -> Handler:
-        for config_type in config_types:
-            HANDLERS[config_type] = handler
-        return handler
-
-    return register
-
 
 def run(cfg: "RunConfig", context: "DistContext", resume: bool = False) -> dict[str, Any]:
-    """Run the config's method; returns its summary (rank 0 also writes it)."""
-    from gppq_dist.methods import trained, untrained  # noqa: F401  (they register themselves)
+    """Run the config's method (its own handler, else the one of its kind); returns its
+    summary (rank 0 also writes it)."""
+    from gppq_dist.methods.registry import method_spec
 
-    return HANDLERS[type(cfg.method)](cfg, context, resume)
+    spec = method_spec(cfg.method.name)
+    if spec.run is not None:
+        return spec.run(cfg, context, resume)
+    if spec.trains:
+        from gppq_dist.train.trainer import train
+
+        return train(cfg, context, resume=resume)
+    from gppq_dist.methods.untrained import code_once
+
+    return code_once(cfg, context, resume)
 
 
 def result_line(summary: dict[str, Any]) -> str:

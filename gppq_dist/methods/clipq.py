@@ -3,61 +3,88 @@
 Every step, each coded layer's full-precision weights are pruned (fraction ``prune`` of
 the smallest magnitudes) and their survivors quantized to 2^``bits`` levels
 (:mod:`gppq_dist.pq.clipq`); the forward and backward passes see that weight, and the
-full-precision copy takes the step (straight-through, :class:`~gppq_dist.train.schemes.SwapScheme`).
-Because the pruning is recomputed from weights that keep training, a weight pruned early
-comes back when its full-precision value outgrows the others. The shipped model is the
-final full-precision weights pruned and quantized once more; its artifact stores the
-sparsity pattern, the level indices of the kept weights and the fp16 levels.
+full-precision copy takes the step (straight-through,
+:class:`~gppq_dist.methods.clipq_scheme.ClipQScheme`). The shipped model is the final
+full-precision weights pruned and quantized once more; its artifact stores the sparsity
+pattern, the level indices of the kept weights and the fp16 levels (codec ``clipq``).
 
-(prune, bits) per layer come from ``method.prune`` / ``method.bits`` and ``method.layers``;
-the paper chooses them with Bayesian optimisation against a target size, which is left to
+(prune, bits) are per-layer settings, the values of the ``quantization`` rules::
+
+    quantization:
+      types:
+        conv3x3: {prune: 0.8, bits: 2}
+        conv1x1: {prune: 0.8, bits: 2}
+        linear: {prune: 0.8, bits: 2}
+      names:
+        "layer4\\..*": {prune: 0.9, bits: 1}
+
+The paper chooses them with Bayesian optimisation against a target size, which is left to
 the user (``gppq size`` tells the size of a setting before any training).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
+from pydantic import Field
 
-from gppq_dist.artifact import Artifact, build_artifact
-from gppq_dist.pq.clipq import PrunedLayer, prune_quantize
-from gppq_dist.pq.plan import LayerPlan
-from gppq_dist.train.schemes import SwapScheme
+from gppq_dist.methods.base import MethodSpec, Strict, one_line_yaml, rewritten_rules, rule_keys
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from gppq_dist.config import RunConfig
+    from gppq_dist.distributed import DistContext
+    from gppq_dist.pq.plan import LayerPlan
+    from gppq_dist.train.schemes import Scheme
+
+OLD_KEYS = ("prune", "bits", "layers")  # method.* keys before (prune, bits) became layer rules
+OLD_DEFAULT = {"prune": 0.8, "bits": 2}  # their defaults
 
 
-class ClipQScheme(SwapScheme):
-    label = "CLIP-Q"
-    start_label = "CLIP-Q of the baseline"
+class ClipQMethod(Strict):
+    """CLIP-Q: per layer a pruning fraction and a bit width (the ``quantization`` rules'
+    ``{prune, bits}``); every step the full-precision weights (which keep training,
+    ``train.*``) are pruned and quantized for the forward pass. The paper's Bayesian-
+    optimisation search for per-layer settings is not part of this method: set them."""
 
-    def __init__(self, model: nn.Module, plans: list[LayerPlan], reducer) -> None:
-        super().__init__(model, plans, reducer)
-        self.bits = [plan.index_bits for plan in plans]
+    name: Literal["clipq"]
 
-    def coded(self, index: int, weight: torch.Tensor) -> PrunedLayer:
-        return prune_quantize(weight, self.plans[index].prune, self.bits[index])
 
-    def quantize(self, index: int, weight: torch.Tensor) -> torch.Tensor:
-        return self.coded(index, weight).weight(tuple(weight.shape)).to(weight.dtype)
+class ClipQLayer(Strict):
+    """One layer's CLIP-Q setting."""
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        """Each coded layer's kept weights, as they stand now."""
-        return {plan.name: self.coded(i, w.detach()).mask for i, (plan, w) in enumerate(zip(self.plans, self.weights))}
+    prune: float = Field(ge=0.0, lt=1.0, description="fraction of the layer's weights pruned (smallest magnitude)")
+    bits: int = Field(ge=1, le=8, description="the kept weights take 2^bits levels")
 
-    @torch.no_grad()
-    def artifact(self, info: dict[str, Any]) -> Artifact:
-        final = self.quantized_copy().cpu()
-        codebooks, indices, masks = {}, {}, {}
-        for i, (plan, weight) in enumerate(zip(self.plans, self.weights)):
-            coded = self.coded(i, weight.detach().cpu())
-            codebooks[plan.name] = coded.levels.unsqueeze(1)
-            indices[plan.name], masks[plan.name] = coded.indices, coded.mask
-        kept = sum(int(m.sum()) for m in masks.values())
-        total = sum(math.prod(p.shape) for p in self.plans)
-        return build_artifact(final, self.plans, codebooks, indices, {**info, "kept_fraction": kept / max(1, total)},
-                              masks=masks)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # everything is recomputed from the weights
+def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,
+                state: dict[str, Any] | None, manifest: Any) -> Scheme:
+    """Nothing to restore: every step recomputes the coding from the weights."""
+    from gppq_dist.methods.clipq_scheme import ClipQScheme
+
+    return ClipQScheme(model, plans, reducer)
+
+
+def legacy(method: dict[str, Any], quantization: dict[str, Any]) -> str | None:
+    """``method.prune/bits/layers`` and ``{d, k}`` rules that only chose the layers: the
+    rules to write instead (``method.layers`` patterns become names rules, after the
+    ``null`` names rules that left layers alone)."""
+    old = [f"method.{key}" for key in OLD_KEYS if key in method]
+    named = old or rule_keys(quantization, ("d", "k"))
+    if not named:
+        return None
+    setting = {key: method.get(key, default) for key, default in OLD_DEFAULT.items()}
+    rules = rewritten_rules(quantization, lambda rule: {key: rule.get(key, value) for key, value in setting.items()})
+    layers = method.get("layers") if isinstance(method.get("layers"), dict) else {}
+    if layers:
+        names = rules.get("names", {})
+        rules["names"] = {**{p: None for p, rule in names.items() if rule is None}, **layers,
+                          **{p: rule for p, rule in names.items() if rule is not None and p not in layers}}
+    return (f"{', '.join(named)}: method clipq takes its (prune, bits) per layer from the quantization rules now, "
+            f"in place of {{d, k}} (no method.prune, method.bits, method.layers); write quantization: "
+            f"{one_line_yaml(rules)}")
+
+
+SPEC = MethodSpec(name="clipq", config=ClipQMethod, layer=ClipQLayer, codec="clipq", scheme=make_scheme,
+                  swaps_weights=True, legacy=legacy)

@@ -29,7 +29,7 @@ from gppq_dist.config import RunConfig
 from gppq_dist.data.loaders import run_loader
 from gppq_dist.data.manifest import Manifest
 from gppq_dist.distributed import DistContext
-from gppq_dist.pq.kmeans import Reducer
+from gppq_dist.distributed import Reducer
 from gppq_dist.pq.plan import LayerPlan
 from gppq_dist.pq.subvectors import to_subvectors
 from gppq_dist.pq.weighted import input_slices, second_moment, weighted_kmeans

@@ -2,7 +2,7 @@
 vector-quantization methods of Gong et al. 2014 (scalar k-means, sub-space PQ, residual PQ).
 
 The run is the trainer's without its epochs: the data check on rank 0 first, the
-baseline's val top-1, the (distributed) k-means of every layer with the method's codec
+baseline's val top-1, the (distributed) k-means of every layer with the method's coding
 (:func:`gppq_dist.compress.code_model`), the val top-1 of the coded model as it ships
 (fp16 codebooks), then rank 0 writes ``gppq.gppq``, ``summary.json`` and the MLflow run,
 with the summary keys of a trained run (``top1_raw`` is the untouched baseline, ``epochs``
@@ -15,27 +15,21 @@ import copy
 import time
 from typing import Any
 
-import yaml
-
-from gppq_dist.artifact import build_artifact, snap_model_
-from gppq_dist.compress import artifact_info, code_model, load_model
-from gppq_dist.config import DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod, RunConfig
+from gppq_dist.artifact import artifact_info, build_artifact, snap_model_
+from gppq_dist.compress import code_model
+from gppq_dist.config import RunConfig
 from gppq_dist.data.loaders import run_loader
 from gppq_dist.distributed import DistContext, reducer_for
 from gppq_dist.evaluate import evaluate
-from gppq_dist.io import write_text_atomic
-from gppq_dist.methods import handles
+from gppq_dist.models import load_model
+from gppq_dist.runs import finish_run, preflight, write_config
 from gppq_dist.tracking import open_tracker
 
 
-@handles(DirectPQMethod, KMeansScalarMethod, PQSubspaceMethod, ResidualPQMethod)
 def code_once(cfg: RunConfig, context: DistContext, resume: bool) -> dict[str, Any]:
-    from gppq_dist.train.trainer import preflight, write_outputs
-
     start = time.perf_counter()
     reducer = reducer_for(context)
-    if context.is_main:
-        write_text_atomic(cfg.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_config(cfg, context)
     with open_tracker(cfg, context, resumed=False) as tracker:
         manifest = preflight(cfg, context, reducer)
         val_loader = run_loader(cfg.data, "val", manifest, context, cfg.seed)
@@ -49,22 +43,16 @@ def code_once(cfg: RunConfig, context: DistContext, resume: bool) -> dict[str, A
                              "val_loss_quantized": result["loss"]}, step=0)
         artifact = build_artifact(shipped.cpu(), coded.plans, coded.codebooks, coded.assignments,
                                   artifact_info(cfg, coded.gamma))
-        summary = {
-            "method": cfg.method.name,
-            "baseline_top1": baseline["top1"],
-            "direct_pq_top1": result["top1"] if cfg.method.name == "direct_pq" else None,
-            "top1_quantized": result["top1"],
-            "top1_raw": baseline["top1"],
-            "gamma": coded.gamma,
-            "size_mb": artifact.accounted_bytes / 2**20,
-            "ratio": artifact.info["fp32_bytes"] / artifact.accounted_bytes,
-            "epochs": 0,
-            "steps": 0,
-            "kmeans_s": coded.kmeans_s,
-            "world_size": context.world_size,
-            "resumed_from": None,
-            "history": [],
-        }
-        if context.is_main:
-            write_outputs(cfg, artifact, summary, tracker, start)
-    return summary
+        return finish_run(
+            cfg, context, artifact, tracker, start,
+            baseline_top1=baseline["top1"],
+            direct_pq_top1=result["top1"] if cfg.method.name == "direct_pq" else None,
+            top1_quantized=result["top1"],
+            top1_raw=baseline["top1"],
+            gamma=coded.gamma,
+            epochs=0,
+            steps=0,
+            kmeans_s=coded.kmeans_s,
+            resumed_from=None,
+            history=[],
+        )

@@ -1,8 +1,8 @@
 """Storage accounting, the literature's convention (paper §3.2, DESIGN §2).
 
-Indices cost log2(K) bits each, codebooks are fp16, CLIP-Q's sparsity pattern costs its
-relative-index coding (:mod:`gppq_dist.pq.clipq`), TSQ's activation quantizers three fp32
-values per layer, every parameter that is not quantized
+Indices cost log2(K) bits each, codebooks are fp16, a codec's extra tensor what the codec
+says (:mod:`gppq_dist.pq.codecs`: CLIP-Q's sparsity pattern its relative-index coding,
+TSQ's input quantizer three fp32 values), every parameter that is not quantized
 (stem conv, BN weight and bias, biases) counts at fp32, buffers such as BN running
 statistics are not counted, and MB = 2**20 bytes.
 """
@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
-from gppq_dist.pq.clipq import expected_pattern_bytes
+from gppq_dist.pq.codecs import codec_for
 from gppq_dist.pq.plan import LayerPlan
 
 MiB = 2**20
@@ -28,12 +29,17 @@ class LayerCost:
     plan: LayerPlan
     index_bytes: float
     codebook_bytes: int
-    pattern_bytes: float = 0.0  # clipq: the sparsity pattern
-    activation_bytes: int = 0  # ternary (TSQ): the input's quantizer
+    extra_bytes: float = 0.0  # the codec's extra tensor (CLIP-Q's sparsity pattern, TSQ's input quantizer)
 
     @property
     def total_bytes(self) -> float:
-        return self.index_bytes + self.codebook_bytes + self.pattern_bytes + self.activation_bytes
+        return self.index_bytes + self.codebook_bytes + self.extra_bytes
+
+    @property
+    def extra_name(self) -> str | None:
+        """What the extra bytes hold: the codec's extra tensor (``pattern``, ``activation``)."""
+        extra = codec_for(self.plan.codec).extra
+        return extra.name if extra is not None else None
 
     @property
     def fp32_bytes(self) -> int:
@@ -46,8 +52,8 @@ class LayerCost:
             "index_bits": self.plan.index_bits,
             "index_bytes": self.index_bytes,
             "codebook_bytes": self.codebook_bytes,
-            "pattern_bytes": self.pattern_bytes,
-            "activation_bytes": self.activation_bytes,
+            "extra_bytes": self.extra_bytes,
+            **({f"{self.extra_name}_bytes": self.extra_bytes} if self.extra_name else {}),
             "fp32_bytes": self.fp32_bytes,
         }
 
@@ -101,34 +107,28 @@ class SizeReport:
         }
 
 
-ACTIVATION_QUANTIZER_BYTES = 3 * FP32_BYTES  # eps, step, levels
-
-
-def layer_cost(plan: LayerPlan, pattern_bytes: float | None = None) -> LayerCost:
-    """log2(K) bits per stored index; every codebook (one per sub-space or stage) in fp16.
-
-    ``pattern_bytes``: a ``clipq`` layer's sparsity pattern as coded; without it, that of a
-    random pattern of the same density (the estimate before training).
+def layer_cost(plan: LayerPlan, extra: torch.Tensor | None = None) -> LayerCost:
+    """log2(K) bits per stored index; every codebook (one per sub-space or stage) in fp16;
+    the codec's extra tensor as the codec counts it (``extra``: the layer's, e.g. a ``clipq``
+    mask; without it, the codec's estimate before there is one).
     """
-    if plan.codec == "clipq" and pattern_bytes is None:
-        pattern_bytes = expected_pattern_bytes(plan.n_subvectors, plan.n_indices)
+    coder = codec_for(plan.codec)
     return LayerCost(
         plan=plan,
         index_bytes=plan.n_indices * plan.index_bits / 8,
         codebook_bytes=math.prod(plan.codebook_shape) * FP16_BYTES,
-        pattern_bytes=pattern_bytes or 0.0,
-        activation_bytes=ACTIVATION_QUANTIZER_BYTES if plan.codec == "ternary" else 0,
+        extra_bytes=coder.extra.cost(plan, extra) if coder.extra is not None else 0.0,
     )
 
 
-def account(model: nn.Module, plans: list[LayerPlan], patterns: Mapping[str, float] | None = None) -> SizeReport:
+def account(model: nn.Module, plans: list[LayerPlan], extras: Mapping[str, torch.Tensor] | None = None) -> SizeReport:
     """Accounted size of ``model`` compressed by ``plans`` (works on meta tensors);
-    ``patterns``: bytes of each ``clipq`` layer's coded sparsity pattern."""
+    ``extras``: each layer's extra tensor (as :attr:`gppq_dist.artifact.Artifact.extras`)."""
     quantized = {f"{plan.name}.weight" if plan.name else "weight" for plan in plans}
     unquantized_names = [name for name, _ in model.named_parameters() if name not in quantized]
     params = dict(model.named_parameters())
     return SizeReport(
-        layers=[layer_cost(plan, (patterns or {}).get(plan.name)) for plan in plans],
+        layers=[layer_cost(plan, (extras or {}).get(plan.name)) for plan in plans],
         unquantized_params=sum(params[name].numel() for name in unquantized_names),
         total_params=sum(p.numel() for p in params.values()),
         unquantized_names=unquantized_names,

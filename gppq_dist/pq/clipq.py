@@ -10,7 +10,7 @@ Given the layer's full-precision weights, a pruning fraction p and a bit width b
   rounded to fp16, as stored.
 
 The trainer recomputes both every step from the full-precision weights, which keep
-training (:mod:`gppq_dist.methods.clipq`): a pruned weight still gets a gradient and comes
+training (:mod:`gppq_dist.methods.clipq_scheme`): a pruned weight still gets a gradient and comes
 back once it outgrows the threshold.
 
 Stored, a layer is its 2^b fp16 levels, one b-bit level index per kept weight (in flat

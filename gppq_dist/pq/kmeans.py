@@ -2,7 +2,7 @@
 
 Distribution is a parameter, not a dependency: every process holds the same subvectors
 (weights are replicated), assigns its own contiguous shard of them, and the per-codeword
-sums and counts of all layers are summed across processes by a :class:`Reducer` in one
+sums and counts of all layers are summed across processes by a :class:`~gppq_dist.distributed.Reducer` in one
 bucketed call per iteration. On one process the :class:`LocalReducer` does nothing, so the
 result is the single-process k-means on the same data up to float summation order.
 
@@ -32,9 +32,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
+
+if TYPE_CHECKING:  # the protocol only: nothing under pq/ imports torch.distributed
+    from gppq_dist.distributed import Reducer
 
 # torch before faiss: faiss's OpenMP calls then bind to torch's OpenMP runtime. With faiss
 # imported first, each keeps its own thread pool, and the idle spinning of one slows the
@@ -47,19 +50,10 @@ except ImportError:  # pragma: no cover - faiss-cpu is a dependency
 Kernel = Literal["auto", "faiss", "torch"]
 
 
-class Reducer(Protocol):
-    """Sums tensors across processes in place; broadcasts from one rank."""
-
-    rank: int
-    world_size: int
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None: ...
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
-
-
 class LocalReducer:
-    """The reducer of a single process: sums over one rank are the identity."""
+    """The :class:`~gppq_dist.distributed.Reducer` of a single process: sums over one rank
+    are the identity. It needs no process group, so it lives here with the math (the
+    protocol and the process-group reducer live in :mod:`gppq_dist.distributed`)."""
 
     rank = 0
     world_size = 1

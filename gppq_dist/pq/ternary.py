@@ -64,6 +64,15 @@ def ternary_codes(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.round(rows / alpha.clamp_min(1e-12).unsqueeze(1)).clamp_(-1, 1)
 
 
+TERNARY = (0.0, 1.0, -1.0, 0.0)  # stored 2-bit code -> sign (code 3 is not used)
+
+
+def ternary_indices(signs: torch.Tensor) -> torch.Tensor:
+    """{-1, 0, +1} -> the 2-bit codes of :data:`TERNARY` (flat int64)."""
+    signs = signs.reshape(-1)
+    return (signs > 0).long() + 2 * (signs < 0).long()
+
+
 def twn(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary weight networks' rule per row: threshold 0.7 mean |w|, alpha the mean |w|
     above it. Returns ``(t, alpha)``, ``t`` rows x fan-in in {-1, 0, 1}."""

@@ -1,10 +1,11 @@
-"""The vector-quantization codecs of Gong et al. 2014 beside plain PQ, for whole models.
+"""Plain PQ and the vector-quantization codecs of Gong et al. 2014, for whole models.
 
 Each function codes many layers at once (k-means of all of them in lockstep, with the
 ``reducer`` of :func:`gppq_dist.pq.kmeans.kmeans_many`, so they shard over ranks as PQ
 does) and returns, per layer, the codebook tensor in the plan's ``codebook_shape`` and the
 flat int64 indices (``plan.n_indices``), as the artifact stores them:
 
+- :func:`joint_pq` (codec ``pq``): one K x d codebook per layer (direct PQ, G&P PQ's start).
 - :func:`subspace_pq` (codec ``pq_subspace``): the rows ``Cout x (m*d)`` of a layer are cut
   into m sub-spaces of d columns; sub-space j gets a K x d codebook fitted on its Cout
   subvectors. Codebooks ``m x K x d``; indices in subvector order (row o, sub-space j at
@@ -12,7 +13,7 @@ flat int64 indices (``plan.n_indices``), as the artifact stores them:
 - :func:`residual_pq` (codec ``residual``): stage 1 is plain PQ; stage s fits a codebook
   on what stages 1..s-1 left. Codebooks ``S x K x d``; indices stage-major (``S x N``).
 
-Scalar k-means (Gong's "kmeans") is plain PQ with d = 1 and needs nothing here.
+Scalar k-means (Gong's "kmeans") is :func:`joint_pq` with d = 1.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class Coded:
     codebook: torch.Tensor
     indices: torch.Tensor
     mse: float
+
+
+def joint_pq(weights: Sequence[torch.Tensor], plans: Sequence[LayerPlan], **kmeans: Any) -> list[Coded]:
+    """One joint codebook for every layer (codec ``pq``)."""
+    results = kmeans_many([to_subvectors(w, p.d) for w, p in zip(weights, plans)], [p.k for p in plans], **kmeans)
+    return [Coded(r.codebook, r.assignments, r.mse) for r in results]
 
 
 def subspace_pq(weights: Sequence[torch.Tensor], plans: Sequence[LayerPlan], **kmeans: Any) -> list[Coded]:

@@ -12,13 +12,16 @@ means of their members, so they stay exact member means (eq. 5) in weight space.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from gppq_dist.pq.gp import Assignment, cluster_means
-from gppq_dist.pq.kmeans import KMeansResult, Reducer, kmeans_many
+from gppq_dist.pq.kmeans import KMeansResult, kmeans_many
+
+if TYPE_CHECKING:
+    from gppq_dist.distributed import Reducer
 
 
 def input_slices(module: nn.Module, inputs: torch.Tensor, d: int) -> torch.Tensor:

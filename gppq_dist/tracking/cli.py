@@ -11,19 +11,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gppq_dist.console import stdout
 from gppq_dist.errors import UserError
 
 mlflow_app = typer.Typer(
     no_args_is_help=True,
     help="MLflow tracking: upload what a run's journal holds and the tracking store missed.",
 )
-stdout = Console()
-if not stdout.is_terminal:  # logs and pipes get whole table rows, not 80-column wraps
-    stdout = Console(width=160)
 
 UriOption = typer.Option(None, "--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 

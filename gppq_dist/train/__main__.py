@@ -1,5 +1,6 @@
-"""``python -m gppq_dist.train --config CFG`` (what torchrun runs on every rank)."""
+"""``python -m gppq_dist.train --config CFG`` (what torchrun runs on every rank): ``gppq
+train``'s flags, parsed by :mod:`gppq_dist.commands`."""
 
-from gppq_dist.train.trainer import main
+from gppq_dist.commands import torchrun_main
 
-main()
+torchrun_main("train")

@@ -34,7 +34,8 @@ from torch import nn
 
 from gppq_dist.pq.gp import Assignment, apply_gp_gradient, codeword_gradient_sums, quantization_error
 from gppq_dist.pq.gp_sgd import GPSGD
-from gppq_dist.pq.kmeans import LocalReducer, Reducer
+from gppq_dist.distributed import Reducer
+from gppq_dist.pq.kmeans import LocalReducer
 from gppq_dist.pq.plan import LayerPlan
 
 

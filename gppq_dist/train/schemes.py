@@ -8,7 +8,7 @@ for every method that trains; a scheme says what is quantized and how:
   (:mod:`gppq_dist.pq.reparam`), which the engine's SGD steps like any parameter, the
   residual's scalar recursion hooked onto that SGD (:meth:`GPScheme.attach`); the shipped
   model snapped;
-- :class:`SwapScheme` (CLIP-Q, TSQ; :mod:`gppq_dist.methods.clipq`, :mod:`~gppq_dist.methods.tsq`):
+- :class:`SwapScheme` (CLIP-Q, TSQ; :mod:`gppq_dist.methods.clipq_scheme`, :mod:`~gppq_dist.methods.tsq_scheme`):
   straight-through training. Before each forward pass the full-precision weights of the
   coded layers are saved and replaced by their quantized version; after the backward pass
   they are put back, so the optimizer steps the full-precision weights with the gradient

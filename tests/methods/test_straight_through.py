@@ -15,15 +15,15 @@ from gppq_dist.data.loaders import build_loader
 from gppq_dist.evaluate import evaluate
 from gppq_dist.pq.clipq import keep_mask
 from gppq_dist.train import checkpoint
-from tests.conftest import CONFIGS, gppq, write_config
+from tests.conftest import CLIPQ_RULES, CONFIGS, TSQ_RULES, gppq, write_config
 from tests.train.test_trainer import assert_same_model
 
 ONE_IMAGE = 100 / 359 + 1e-9
 
 
-def config(tmp_path, digits_dir, name, method, **train):
+def config(tmp_path, digits_dir, name, method, quantization, **train):
     return write_config(
-        tmp_path, name=name, method=method, tracking={"enabled": False},
+        tmp_path, name=name, method=method, quantization=quantization, tracking={"enabled": False},
         data={"root": str(digits_dir), "crop_scale": [0.6, 1.0], "horizontal_flip": False},
         train={"epochs": 1, "batch_size": 64, "lr": 0.01, "checkpoint_every": 5, **train},
     )
@@ -45,8 +45,8 @@ def ships_what_it_scored(path, summary):
 
 @pytest.mark.distributed
 def test_clipq_trains_on_two_ranks_prunes_per_layer_and_lets_pruned_weights_back(tmp_path, digits_dir):
-    method = {"name": "clipq", "prune": 0.8, "bits": 2, "layers": {"layer4\\..*": {"prune": 0.9, "bits": 1}}}
-    path = config(tmp_path, digits_dir, "clipq", method)
+    rules = {**CLIPQ_RULES, "names": {"layer4\\..*": {"prune": 0.9, "bits": 1}}}
+    path = config(tmp_path, digits_dir, "clipq", "clipq", rules)
     gppq("train", "--config", path, "--nproc", "2", check=True)
     summary = summary_of(tmp_path, "clipq")
     assert summary["method"] == "clipq" and summary["world_size"] == 2 and summary["steps"] == 22
@@ -55,7 +55,7 @@ def test_clipq_trains_on_two_ranks_prunes_per_layer_and_lets_pruned_weights_back
         prune, bits = (0.9, 1) if plan.name.startswith("layer4.") else (0.8, 2)
         n = math.prod(plan.shape)
         assert (plan.codec, plan.prune, plan.index_bits) == ("clipq", prune, bits)
-        assert int(artifact.masks[plan.name].sum()) == n - math.floor(prune * n)
+        assert int(artifact.extras[plan.name].sum()) == n - math.floor(prune * n)
         assert torch.unique(artifact.decoded_weight(plan.name)).numel() <= 2**bits + 1  # levels and 0
     # the estimate before training counts a random pattern of the same density
     planned = json.loads(gppq("size", "--config", path, "--json", check=True).stdout)
@@ -68,7 +68,7 @@ def test_clipq_trains_on_two_ranks_prunes_per_layer_and_lets_pruned_weights_back
         weight = early[f"{plan.name}.weight"]
         assert int((weight == 0).sum()) < 0.01 * weight.numel()
         before = keep_mask(weight, plan.prune)
-        back += int((~before & artifact.masks[plan.name]).sum())
+        back += int((~before & artifact.extras[plan.name]).sum())
     assert back > 0
 
 
@@ -76,7 +76,7 @@ def test_clipq_trains_on_two_ranks_prunes_per_layer_and_lets_pruned_weights_back
 def tsq_straight(tmp_path_factory, digits_dir):
     """A whole TSQ run: 1 epoch of step 1, step 2, 1 epoch of finetuning."""
     tmp_path = tmp_path_factory.mktemp("tsq")
-    path = config(tmp_path, digits_dir, "tsq", TSQ, checkpoint_every=0)
+    path = config(tmp_path, digits_dir, "tsq", TSQ, TSQ_RULES, checkpoint_every=0)
     gppq("train", "--config", path, check=True)
     return tmp_path, path
 
@@ -97,7 +97,7 @@ def test_tsq_ships_ternary_weights_and_quantizes_inputs_at_inference(tsq_straigh
         rows = artifact.decoded_weight(plan.name).reshape(plan.shape[0], -1)
         alpha = artifact.codebooks[plan.name].float()
         assert torch.equal(rows.abs() * (rows != 0), alpha * (rows != 0))  # each row in {-a, 0, +a}
-        assert plan.name in artifact.activations
+        assert artifact.extras[plan.name].shape == (3,)  # its input quantizer
     with torch.no_grad():
         quantized = model(images)
         for module in model.modules():
@@ -115,7 +115,7 @@ def test_tsq_resumes_across_its_phase_change_bit_identically(tsq_straight, tmp_p
     assert state["scheme"]["ternary"] is False and state["scheme"]["quantizers"].shape == (20, 3)
     for leftover in (newest, tmp_path / "runs" / "tsq" / "gppq.gppq", tmp_path / "runs" / "tsq" / "summary.json"):
         leftover.unlink()
-    split = config(tmp_path, digits_dir, "tsq", TSQ, checkpoint_every=0)
+    split = config(tmp_path, digits_dir, "tsq", TSQ, TSQ_RULES, checkpoint_every=0)
     gppq("train", "--config", split, "--resume", "auto", check=True)
     assert summary_of(tmp_path, "tsq")["history"] == summary_of(straight, "tsq")["history"]
     assert_same_model(straight / "runs" / "tsq" / "gppq.gppq", tmp_path / "runs" / "tsq" / "gppq.gppq")
@@ -124,7 +124,7 @@ def test_tsq_resumes_across_its_phase_change_bit_identically(tsq_straight, tmp_p
 def test_tsq_on_deepspeed_zero1_equals_ddp(tsq_straight, tmp_path, digits_dir):
     """ZeRO keeps its own fp32 copy of the weights: step 2's weights must reach it."""
     straight, _ = tsq_straight
-    path = config(tmp_path, digits_dir, "tsq", TSQ, checkpoint_every=0, engine="deepspeed",
+    path = config(tmp_path, digits_dir, "tsq", TSQ, TSQ_RULES, checkpoint_every=0, engine="deepspeed",
                   deepspeed_config=str(CONFIGS / "deepspeed" / "zero1.json"))
     gppq("train", "--config", path, check=True)
     ours, ddp = summary_of(tmp_path, "tsq"), summary_of(straight, "tsq")
@@ -137,9 +137,9 @@ def test_tsq_on_deepspeed_zero1_equals_ddp(tsq_straight, tmp_path, digits_dir):
 def test_tsq_on_two_ranks_shares_its_quantizers_and_ships_what_it_scored(tmp_path, digits_dir):
     """The input quantizers are averaged over the ranks and step 2's moments summed, so every
     rank scores its shard of val with the model rank 0 ships."""
-    path = config(tmp_path, digits_dir, "tsq2", TSQ, checkpoint_every=0)
+    path = config(tmp_path, digits_dir, "tsq2", TSQ, TSQ_RULES, checkpoint_every=0)
     gppq("train", "--config", path, "--nproc", "2", check=True)
     summary = summary_of(tmp_path, "tsq2")
     assert summary["world_size"] == 2 and summary["steps"] == 44
     _, artifact = ships_what_it_scored(path, summary)
-    assert {plan.codec for plan in artifact.layers} == {"ternary"} and len(artifact.activations) == 20
+    assert {plan.codec for plan in artifact.layers} == {"ternary"} and len(artifact.extras) == 20

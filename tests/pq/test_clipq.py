@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gppq_dist.methods.clipq import ClipQScheme
+from gppq_dist.methods.clipq_scheme import ClipQScheme
 from gppq_dist.pq.clipq import (
     best_gap_bits,
     gap_codes,

@@ -8,7 +8,8 @@ from gppq_dist.config import QuantizationConfig
 from gppq_dist.errors import ConfigError
 from gppq_dist.models import ModelSpec, build_model, create_model
 from gppq_dist.pq.accounting import account
-from gppq_dist.pq.plan import clamp_k, plan_layers
+from gppq_dist.pq.codecs import clamp_k
+from gppq_dist.pq.plan import plan_layers
 
 
 @pytest.mark.parametrize(

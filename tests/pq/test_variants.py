@@ -5,7 +5,7 @@ from torch import nn
 
 from gppq_dist.config import QuantizationConfig
 from gppq_dist.pq.accounting import layer_cost
-from gppq_dist.pq.codec import decode_layer
+from gppq_dist.pq.codecs import decode_layer
 from gppq_dist.pq.plan import plan_layers
 from gppq_dist.pq.subvectors import to_subvectors
 from gppq_dist.pq.variants import residual_pq, subspace_pq

@@ -42,10 +42,10 @@ def summary_of(tmp_path, name):
 
 
 def assert_same_model(one_path, two_path):
-    """Codebooks, assignments, unquantized params, folded BN (and CLIP-Q's masks, TSQ's input
-    quantizers) all torch.equal."""
+    """Codebooks, assignments, unquantized params, folded BN (and the codecs' extra tensors:
+    CLIP-Q's masks, TSQ's input quantizers) all torch.equal."""
     one, two = read_artifact(one_path), read_artifact(two_path)
-    for group in ("codebooks", "assignments", "params", "bn_scale", "bn_shift", "masks", "activations"):
+    for group in ("codebooks", "assignments", "params", "bn_scale", "bn_shift", "extras"):
         ours, theirs = getattr(one, group), getattr(two, group)
         assert ours.keys() == theirs.keys()
         for name, tensor in ours.items():
@@ -168,7 +168,7 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path, digits_dir):
     assert all(t.dtype == torch.float32 for t in model_tensors(state["model"]) if t.is_floating_point())
     # the bf16 gradients reached the optimizer: BatchNorm's scales (not quantized, moved only
     # by their gradients and a 1e-8 weight decay) moved from their initial 1.0
-    from gppq_dist.compress import load_model
+    from gppq_dist.models import load_model
 
     start = load_model(load_config(config)).state_dict()
     moved = (state["model"]["layer1.0.bn1.weight"] - start["layer1.0.bn1.weight"]).abs().max()

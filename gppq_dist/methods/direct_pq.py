@@ -1,0 +1,16 @@
+"""Direct PQ: k-means per layer (one joint K x d codebook), snap, no training."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict, joint_pq
+
+
+class DirectPQMethod(Strict):
+    """k-means per layer (joint codebook), snap, no training."""
+
+    name: Literal["direct_pq"]
+
+
+SPEC = MethodSpec(name="direct_pq", config=DirectPQMethod, layer=LayerQuant, codec="pq", code=joint_pq)

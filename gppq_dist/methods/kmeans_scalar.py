@@ -1,0 +1,31 @@
+"""Gong et al. 2014, scalar k-means: all weights of a layer clustered to K levels, no
+training. It is PQ with d = 1 (codec ``pq``), so every layer rule's d must be 1."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator
+
+from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict, joint_pq
+
+
+class KMeansScalarMethod(Strict):
+    """Gong et al. 2014: scalar k-means of all weights of a layer (every rule's d must be 1,
+    K levels), no training."""
+
+    name: Literal["kmeans_scalar"]
+
+
+class ScalarLayer(LayerQuant):
+    """``{d: 1, k}``: k levels for the single weights of a layer."""
+
+    @field_validator("d")
+    @classmethod
+    def _single_weights(cls, d: int) -> int:
+        if d != 1:
+            raise ValueError("method kmeans_scalar quantizes single weights, so d must be 1 (k is the number of levels)")
+        return d
+
+
+SPEC = MethodSpec(name="kmeans_scalar", config=KMeansScalarMethod, layer=ScalarLayer, codec="pq", code=joint_pq)
