@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -10,20 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# One OpenMP thread per process, for this process and every process a test starts (set
-# before torch is imported; children inherit it). The suite runs several torch processes at
-# once on a 2-core machine, where torch's default of a thread per core makes every small op
-# wait at its OpenMP barrier for a thread the scheduler has parked (the threads spin): the
-# k-means of `gppq compress` on ResNet-18 took 15 s with one thread and 39-86 s with two
-# beside a busy process. torchrun sets the same for its ranks; this covers the
-# one-process runs and the test process itself.
-os.environ["OMP_NUM_THREADS"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-torch.set_num_threads(1)  # in case a plugin imported torch before this file
+import pytest
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -82,6 +74,27 @@ def gppq(*args: str, cwd: Path | None = None, env: dict | None = None, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"gppq {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def gppq_here(*args: str) -> subprocess.CompletedProcess:
+    """``gppq ARGS`` in this process: the real command line from argument parsing to the
+    ``error:`` line and exit status, for checks that need no fresh interpreter (each costs
+    seconds of imports on these machines). Same result type as :func:`gppq`; the logging
+    set-up the command makes is undone after it."""
+    from gppq_dist.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main([str(arg) for arg in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["gppq", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import yaml
 
 from gppq_dist.config import RunConfig, load_config, parse_overrides, validate_config
 from gppq_dist.errors import ConfigError
-from tests.conftest import CLIPQ_RULES, CONFIGS, TSQ_RULES, gppq, write_config
+from tests.conftest import CLIPQ_RULES, CONFIGS, TSQ_RULES, gppq, gppq_here, write_config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -93,24 +93,28 @@ def assert_one_clean_error(result, *fragments):
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     bad_d = write_config(tmp_path, name="bad_d", quantization={"types": {"conv3x3": {"d": 7, "k": 256}}})
+    # one through the installed script (a fresh interpreter: no traceback, exit status 2), the
+    # rest through the same command line in this process
     assert_one_clean_error(gppq("size", "--config", bad_d), "quantization.types.conv3x3.d = 7", "layer1.0.conv1")
     unknown = write_config(tmp_path, name="unknown", modle={"arch": "resnet18"})
-    assert_one_clean_error(gppq("size", "--config", unknown), "unknown key 'modle'", "did you mean 'model'")
-    assert_one_clean_error(gppq("size", "--config", tmp_path / "missing.yaml"), "missing.yaml", "does not exist")
-    assert_one_clean_error(gppq("size", "--config", bad_d, "--arch", "resnet_18"), "unknown architecture 'resnet_18'")
+    assert_one_clean_error(gppq_here("size", "--config", unknown), "unknown key 'modle'", "did you mean 'model'")
+    assert_one_clean_error(gppq_here("size", "--config", tmp_path / "missing.yaml"), "missing.yaml", "does not exist")
+    assert_one_clean_error(gppq_here("size", "--config", bad_d, "--arch", "resnet_18"),
+                           "unknown architecture 'resnet_18'")
 
 
 def test_cli_reports_missing_weights_file(tmp_path):
     path = write_config(tmp_path, model={"weights": str(tmp_path / "absent.safetensors")})
-    assert_one_clean_error(gppq("compress", "--config", path, "--out", tmp_path / "x.gppq"),
+    assert_one_clean_error(gppq_here("compress", "--config", path, "--out", tmp_path / "x.gppq"),
                            "model.weights", "absent.safetensors", "does not exist")
-    assert_one_clean_error(gppq("compress", "--config", path, "--weights", tmp_path / "w.pt", "--out", tmp_path / "x.gppq"),
-                           "--weights", "w.pt")
+    assert_one_clean_error(gppq_here("compress", "--config", path, "--weights", tmp_path / "w.pt", "--out",
+                                     tmp_path / "x.gppq"), "--weights", "w.pt")
     assert not (tmp_path / "x.gppq").exists()
 
 
 def test_cli_reports_bad_data_folder(tmp_path):
-    assert_one_clean_error(gppq("eval", tmp_path / "nothing.gppq", "--data", tmp_path), "nothing.gppq", "does not exist")
+    assert_one_clean_error(gppq_here("eval", tmp_path / "nothing.gppq", "--data", tmp_path), "nothing.gppq",
+                           "does not exist")
 
 
 def test_run_config_has_a_run_dir(tmp_path):
@@ -155,7 +159,7 @@ def test_old_clipq_and_tsq_settings_are_one_error_with_what_to_write(tmp_path):
     message = error_of_path(tsq)
     assert message.startswith(f"{tsq}: quantization.types.conv3x3.d: method tsq ")
     assert yaml.safe_load(message.split("write quantization: ")[1]) == TSQ_RULES
-    assert_one_clean_error(gppq("size", "--config", old), "method.prune, method.layers", "write quantization: ")
+    assert_one_clean_error(gppq_here("size", "--config", old), "method.prune, method.layers", "write quantization: ")
 
 
 def error_of_path(path, overrides=None) -> str:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from gppq_dist.launch.sweep import format_value, load_sweep, safe_name, short_labels
-from tests.conftest import CONFIGS, gppq, write_config
+from tests.conftest import CONFIGS, gppq, gppq_here, write_config
 
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
 
@@ -97,11 +97,12 @@ def test_set_cannot_override_a_swept_key(tmp_path):
 
 def test_submit_refusals(tmp_path):
     config = write_config(tmp_path, train={"batch_size": 64})
-    assert one_error(gppq("submit", "--config", config, "--cluster", "kubernetes")) == (
+    # in this process (the real command line), but the last: it needs another PATH
+    assert one_error(gppq_here("submit", "--config", config, "--cluster", "kubernetes")) == (
         "error: --cluster: expected one of slurm, local, debug, got 'kubernetes'")
     assert "launch.nodes = 2, but --cluster local runs on this machine only" in one_error(
-        gppq("submit", "--config", config, "--cluster", "local", "--nodes", "2"))
-    assert one_error(gppq("submit", "--config", config, "--cluster", "local", "--cpu-tasks-per-node", "3")) == (
+        gppq_here("submit", "--config", config, "--cluster", "local", "--nodes", "2"))
+    assert one_error(gppq_here("submit", "--config", config, "--cluster", "local", "--cpu-tasks-per-node", "3")) == (
         "error: train.batch_size = 64 must split evenly over the job's 3 tasks (1 node(s) x 3)")
     # a machine without SLURM's commands
     no_slurm = {"PATH": str(Path(sys.executable).parent)}
