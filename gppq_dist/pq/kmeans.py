@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # the protocol only: nothing under pq/ imports torch.distributed
+if TYPE_CHECKING:  # the protocol, for types only: the math never needs a process group
     from gppq_dist.distributed import Reducer
 
 # torch before faiss: faiss's OpenMP calls then bind to torch's OpenMP runtime. With faiss
