@@ -46,7 +46,12 @@ TSQ_RULES = every_kind({})
 
 
 def write_config(directory: Path, name: str = "tiny", **sections) -> Path:
-    """A small ResNet-18 config (10 classes) with the small-block rules, overridable per section."""
+    """A small ResNet-18 config (10 classes) with the small-block rules, overridable per section.
+
+    MLflow tracking is off unless the test passes a ``tracking`` section: the tracker costs a
+    run about 5 s here (importing MLflow, opening the store, the end-of-run plot), and the
+    tracking tests (tests/tracking, the sweeps, the local reference run) check it themselves.
+    """
     raw = {
         "name": name,
         "output_dir": str(directory / "runs"),
@@ -55,9 +60,12 @@ def write_config(directory: Path, name: str = "tiny", **sections) -> Path:
         "quantization": {"types": {"conv3x3": {"d": 9, "k": 256}, "conv1x1": {"d": 4, "k": 256},
                                    "linear": {"d": 4, "k": 2048}}},
         "kmeans": {"iterations": 4},
+        "tracking": {"enabled": False},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        if key == "tracking":
+            raw[key] = value
+        elif isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
@@ -76,17 +84,22 @@ def gppq(*args: str, cwd: Path | None = None, env: dict | None = None, check: bo
     return result
 
 
-def gppq_here(*args: str) -> subprocess.CompletedProcess:
+def gppq_here(*args: str, cwd: Path | None = None, env: dict | None = None, check: bool = False):
     """``gppq ARGS`` in this process: the real command line from argument parsing to the
-    ``error:`` line and exit status, for checks that need no fresh interpreter (each costs
-    seconds of imports on these machines). Same result type as :func:`gppq`; the logging
-    set-up the command makes is undone after it."""
+    ``error:`` line and exit status, for commands that start no processes of their own (a
+    fresh interpreter costs 10-15 s of imports on these machines). Same arguments and result
+    type as :func:`gppq`; the working directory, the environment and the logging set-up
+    the command makes are put back after it."""
     from gppq_dist.cli import main
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    saved_env = {key: os.environ.get(key) for key in env or {}}
+    saved_cwd = os.getcwd()
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
+        os.environ.update({key: str(value) for key, value in (env or {}).items()})
+        os.chdir(cwd or ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             main([str(arg) for arg in args])
     except SystemExit as exc:
@@ -94,7 +107,16 @@ def gppq_here(*args: str) -> subprocess.CompletedProcess:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-    return subprocess.CompletedProcess(["gppq", *map(str, args)], code, out.getvalue(), err.getvalue())
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    result = subprocess.CompletedProcess(["gppq", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"gppq {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -119,14 +141,15 @@ STEPS_PER_EPOCH = 22
 TIMEOUT_MIN = "20"  # >= 15: submitit reads a signal within min(0.8 T, T - 10 min) as a preemption
 
 
-def launch_config(directory: Path, digits_dir: Path, name: str, **train) -> Path:
-    """A tiny digits run with its outputs, submitit logs and MLflow store in ``directory``."""
+def launch_config(directory: Path, digits_dir: Path, name: str, tracked: bool = False, **train) -> Path:
+    """A tiny digits run with its outputs, submitit logs and MLflow store in ``directory``
+    (tracking there only when ``tracked``)."""
     return write_config(
         directory, name=name,
         data={"root": str(digits_dir), "crop_scale": [0.6, 1.0], "horizontal_flip": False},
         kmeans={"iterations": 3},
         train={"epochs": 2, "batch_size": 64, "lr": 0.01, "mu": 0.5, "checkpoint_every": 5, **train},
-        tracking={"uri": f"sqlite:///{directory / 'mlflow.db'}", "experiment": "launch-tests"},
+        tracking={"enabled": tracked, "uri": f"sqlite:///{directory / 'mlflow.db'}", "experiment": "launch-tests"},
         launch={"folder": str(directory / "submitit"), "timeout_min": int(TIMEOUT_MIN)},
     )
 
@@ -155,7 +178,7 @@ class Reference:
 def local_reference(tmp_path_factory, digits_dir) -> Reference:
     """The 2-task run through submitit's LocalExecutor (`gppq submit --cluster local`)."""
     directory = tmp_path_factory.mktemp("local")
-    config = launch_config(directory, digits_dir, "reference")
-    result = gppq("submit", "--config", config, "--cluster", "local", "--cpu-tasks-per-node", "2",
-                  "--timeout-min", TIMEOUT_MIN, "--wait", cwd=directory)
+    config = launch_config(directory, digits_dir, "reference", tracked=True)
+    result = gppq_here("submit", "--config", config, "--cluster", "local", "--cpu-tasks-per-node", "2",
+                       "--timeout-min", TIMEOUT_MIN, "--wait", cwd=directory)
     return Reference(directory, result.stdout, result.stderr, result.returncode)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gppq_dist.artifact import read_artifact
 from gppq_dist.cli import app
-from tests.conftest import CONFIGS, ROOT, gppq, torchrun, write_config
+from tests.conftest import CONFIGS, ROOT, gppq_here, torchrun, write_config
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_size_json_for_every_resnet_family_member(arch):
 
 
 def test_size_table_lists_layers_and_total():
-    result = gppq("size", "--config", CONFIGS / "resnet18_small_blocks.yaml", check=True)
+    result = gppq_here("size", "--config", CONFIGS / "resnet18_small_blocks.yaml", check=True)
     assert "layer4.1.conv2" in result.stdout and "1.541 MB" in result.stdout and "28.9x" in result.stdout
 
 
@@ -45,7 +45,7 @@ def test_data_digits_writes_an_imagenet_layout(digits_dir):
     names = {Path(p).name for p, _ in train.samples} & {Path(p).name for p, _ in val.samples}
     assert not names  # disjoint split
     before = (digits_dir / "val" / "0").stat().st_mtime_ns
-    result = gppq("data", "digits", "--out", digits_dir, check=True)  # same settings: kept as is
+    result = gppq_here("data", "digits", "--out", digits_dir, check=True)  # same settings: kept as is
     assert "1438 train and 359 val" in result.stdout
     assert (digits_dir / "val" / "0").stat().st_mtime_ns == before
 
@@ -56,14 +56,14 @@ def tiny_artifact(tmp_path_factory):
     config = write_config(directory)
     out = directory / "one.gppq"
     # One thread, as each torchrun rank has, so the 2-rank comparison differs only in sharding.
-    result = gppq("compress", "--config", config, "--weights", "random", "--out", out, "--json",
+    result = gppq_here("compress", "--config", config, "--weights", "random", "--out", out, "--json",
                   env={"OMP_NUM_THREADS": "1"}, check=True)
     return {"config": config, "out": out, "summary": json.loads(result.stdout), "dir": directory}
 
 
 def test_compress_and_inspect_agree(tiny_artifact):
     summary = tiny_artifact["summary"]
-    report = json.loads(gppq("inspect", tiny_artifact["out"], "--json", check=True).stdout)
+    report = json.loads(gppq_here("inspect", tiny_artifact["out"], "--json", check=True).stdout)
     assert {"accounted_mb", "file_bytes", "layers"} <= set(report)
     assert report["file_bytes"] == summary["file_bytes"] == tiny_artifact["out"].stat().st_size
     assert report["accounted_mb"] == pytest.approx(summary["accounted_mb"])
@@ -72,7 +72,7 @@ def test_compress_and_inspect_agree(tiny_artifact):
 
 
 def test_eval_reports_top1_and_top5(tiny_artifact, digits_dir):
-    result = gppq("eval", tiny_artifact["out"], "--data", digits_dir, "--workers", "0", "--json", check=True)
+    result = gppq_here("eval", tiny_artifact["out"], "--data", digits_dir, "--workers", "0", "--json", check=True)
     metrics = json.loads(result.stdout)
     assert metrics["images"] == 359
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100

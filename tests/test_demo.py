@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import CONFIGS, gppq
+from tests.conftest import CONFIGS, gppq, gppq_here
 
 
 # The demo's flow and config, shortened for the suite: 8 baseline epochs instead of 15 (98.05%
@@ -27,5 +27,5 @@ def test_demo_end_to_end(tmp_path):
     assert summary["ratio"] > 25
     assert "direct PQ" in result.stdout and "G&P PQ" in result.stdout
     # the baseline is cached: asking for it again does not train again
-    again = gppq("pretrain", "--config", CONFIGS / "demo_digits.yaml", *SHORTER[:2], cwd=tmp_path, check=True)
+    again = gppq_here("pretrain", "--config", CONFIGS / "demo_digits.yaml", *SHORTER[:2], cwd=tmp_path, check=True)
     assert "(cached)" in again.stdout

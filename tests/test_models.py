@@ -12,7 +12,7 @@ import torchvision
 from gppq_dist.config import load_config
 from gppq_dist.errors import ConfigError, UserError
 from gppq_dist.models import build_model, fetch_weights, is_weights_name, load_model, load_weights
-from tests.conftest import CONFIGS, gppq, write_config
+from tests.conftest import CONFIGS, gppq_here, write_config
 
 
 def cached_file(torch_home: Path, weights: torchvision.models.WeightsEnum) -> Path:
@@ -60,21 +60,21 @@ def test_missing_cache_file_is_one_error_with_path_and_url(tmp_path):
     config = write_config(tmp_path, model={"num_classes": 1000, "weights": "IMAGENET1K_V1"})
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     expected = cached_file(home, weights)
-    result = gppq("compress", "--config", config, "--out", tmp_path / "out.gppq", env={"TORCH_HOME": str(home)})
+    result = gppq_here("compress", "--config", config, "--out", tmp_path / "out.gppq", env={"TORCH_HOME": str(home)})
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: model.weights:"), result.stderr
     assert str(expected) in lines[0] and weights.url in lines[0]
     assert "Traceback" not in result.stderr and not expected.exists()
     # `gppq size` reads shapes only: it needs no weights file
-    sized = gppq("size", "--config", config, "--json", env={"TORCH_HOME": str(home)})
+    sized = gppq_here("size", "--config", config, "--json", env={"TORCH_HOME": str(home)})
     assert sized.returncode == 0, sized.stderr
     assert not expected.exists()
 
 
 def test_paper_config_sizes_without_the_weights_file(tmp_path):
     home = tmp_path / "empty_home"
-    sized = gppq("size", "--config", CONFIGS / "resnet50_small_blocks.yaml", env={"TORCH_HOME": str(home)})
+    sized = gppq_here("size", "--config", CONFIGS / "resnet50_small_blocks.yaml", env={"TORCH_HOME": str(home)})
     assert sized.returncode == 0 and "5.091 MB" in sized.stdout, sized.stderr
 
 
@@ -151,7 +151,7 @@ def test_fetch_uses_the_cache_file_when_present(torch_home):
     with pytest.raises(SystemExit) as done:
         main(["fetch-weights", "resnet18", "IMAGENET1K_V1"])
     assert done.value.code in (0, None)
-    result = gppq("fetch-weights", "resnet18", "IMAGENET1K_V9", env={"TORCH_HOME": str(torch_home)})
+    result = gppq_here("fetch-weights", "resnet18", "IMAGENET1K_V9", env={"TORCH_HOME": str(torch_home)})
     assert result.returncode == 2 and result.stderr.count("error:") == 1 and "IMAGENET1K_V1" in result.stderr
     assert "Traceback" not in result.stderr
 

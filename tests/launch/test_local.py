@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from tests.conftest import gppq
+from tests.conftest import gppq_here
 from tests.launch.conftest import STEPS_PER_EPOCH, launch_config, summary_of
 
 
@@ -36,7 +36,7 @@ def test_local_two_tasks_train_one_run(local_reference):
 
 def test_local_job_failure_is_one_error_line(tmp_path):
     config = launch_config(tmp_path, tmp_path / "missing", "broken")
-    result = gppq("submit", "--config", config, "--cluster", "local", "--wait", cwd=tmp_path)
+    result = gppq_here("submit", "--config", config, "--cluster", "local", "--wait", cwd=tmp_path)
     assert result.returncode == 2
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr
@@ -46,8 +46,7 @@ def test_local_job_failure_is_one_error_line(tmp_path):
 
 def test_debug_runs_in_process(tmp_path, digits_dir):
     config = launch_config(tmp_path, digits_dir, "inproc", epochs=1, checkpoint_every=0)
-    result = gppq("submit", "--config", config, "--cluster", "debug", "--cpu-tasks-per-node", "2", cwd=tmp_path,
-                  env={"OMP_NUM_THREADS": "1"})  # one process, one thread: no oversubscribed cores
+    result = gppq_here("submit", "--config", config, "--cluster", "debug", "--cpu-tasks-per-node", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "running 'inproc' in this process (--cluster debug)" in result.stdout
     assert "1 task instead of 2" in result.stderr
@@ -56,7 +55,7 @@ def test_debug_runs_in_process(tmp_path, digits_dir):
     assert str(tmp_path / "runs" / "inproc" / "gppq.gppq") in result.stdout
     # a mistake in the run: the run's own message, once, no traceback (no pdb either)
     broken = launch_config(tmp_path, tmp_path / "missing", "broken")
-    result = gppq("submit", "--config", broken, "--cluster", "debug", cwd=tmp_path)
+    result = gppq_here("submit", "--config", broken, "--cluster", "debug", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == [f"error: data folder '{tmp_path / 'missing'}' does not exist"]
 
@@ -64,11 +63,11 @@ def test_debug_runs_in_process(tmp_path, digits_dir):
 def test_sweep_with_failing_points_ends_its_parent_run_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    base = launch_config(tmp_path, tmp_path / "missing", "base")
+    base = launch_config(tmp_path, tmp_path / "missing", "base", tracked=True)
     sweep = tmp_path / "roots.yaml"
     sweep.write_text(yaml.safe_dump({"base": base.name, "grid": {"data.root": [str(tmp_path / "gone")]},
                                      "set": {"train.mu": 0.25}}))
-    result = gppq("sweep", "--config", sweep, "--cluster", "debug", cwd=tmp_path)
+    result = gppq_here("sweep", "--config", sweep, "--cluster", "debug", cwd=tmp_path)
     lines = error_lines(result.stderr)
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0] == f"error: 1 of 1 runs failed; the first: data folder '{tmp_path / 'gone'}' does not exist"

@@ -13,7 +13,7 @@ import pytest
 import submitit
 import yaml
 
-from tests.conftest import ROOT, gppq
+from tests.conftest import ROOT, gppq_here
 from tests.launch.conftest import STEPS_PER_EPOCH, TIMEOUT_MIN, launch_config, summary_of
 from tests.launch.slurm_cluster import poll
 from tests.train.test_trainer import assert_same_model
@@ -34,8 +34,8 @@ def first_checkpoint(run_dir, deadline_s: float = 300):
 
 
 def submit(config, cwd, *extra):
-    result = gppq("submit", "--config", config, "--cluster", "slurm", "--cpu-tasks-per-node", "2",
-                  "--timeout-min", TIMEOUT_MIN, *extra, cwd=cwd)
+    result = gppq_here("submit", "--config", config, "--cluster", "slurm", "--cpu-tasks-per-node", "2",
+                       "--timeout-min", TIMEOUT_MIN, *extra, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result, re.search(r"as slurm job (\d+): 1 node\(s\) x 2 CPU task\(s\)", result.stdout).group(1)
 
@@ -82,11 +82,11 @@ def test_preempted_job_requeues_and_resumes_where_it_stopped(tmp_path, slurm_env
 def test_sweep_is_one_array_under_one_parent_run(tmp_path, slurm_env, digits_dir):
     from mlflow.tracking import MlflowClient
 
-    base = launch_config(tmp_path, digits_dir, "base", epochs=1, checkpoint_every=0)
+    base = launch_config(tmp_path, digits_dir, "base", tracked=True, epochs=1, checkpoint_every=0)
     sweep = tmp_path / "k.yaml"
     sweep.write_text(yaml.safe_dump({"base": base.name, "name": "k2",
                                      "grid": {"quantization.types.conv3x3.k": [64, 256]}}))
-    result = gppq("sweep", "--config", sweep, "--cluster", "slurm", "--wait", cwd=tmp_path)
+    result = gppq_here("sweep", "--config", sweep, "--cluster", "slurm", "--wait", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     names = ["base_k64", "base_k256"]
     jobs = dict(re.findall(r"^  (\S+)\s+job (\d+_\d+)$", result.stdout, re.M))
@@ -150,7 +150,7 @@ def test_sbatch_script_requeues_before_the_time_limit(tmp_path, slurm_env, digit
 
 def test_unknown_partition_is_refused_before_submitting(tmp_path, slurm_env, digits_dir):
     config = launch_config(tmp_path, digits_dir, "nowhere")
-    result = gppq("submit", "--config", config, "--cluster", "slurm", "--partition", "gpu-a100", cwd=tmp_path)
+    result = gppq_here("submit", "--config", config, "--cluster", "slurm", "--partition", "gpu-a100", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: launch.partition: SLURM has no partition 'gpu-a100' (partitions: debug)"
     assert not (tmp_path / "submitit").exists()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from gppq_dist.launch.sweep import format_value, load_sweep, safe_name, short_labels
-from tests.conftest import CONFIGS, gppq, gppq_here, write_config
+from tests.conftest import CONFIGS, gppq_here, write_config
 
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
 
@@ -41,14 +41,14 @@ def test_shipped_sweeps_expand_to_valid_runs(path):
 
 
 def test_resnet18_sweep_dry_run_lists_the_issue_grid():
-    result = gppq("sweep", "--config", CONFIGS / "sweeps" / "resnet18_k.yaml", "--dry-run", check=True)
+    result = gppq_here("sweep", "--config", CONFIGS / "sweeps" / "resnet18_k.yaml", "--dry-run", check=True)
     names = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert names == [f"resnet18_small_blocks_k{k}_mu{mu}" for k in (256, 512, 1024, 2048) for mu in ("0.001", "0.01")]
     assert "dry run: nothing submitted (1 node(s) x 8 GPU(s), 8 CPU(s) per task, 240 min per run)" in result.stdout
 
 
 def test_demo_sweep_dry_run():
-    result = gppq("sweep", "--config", "configs/sweeps/demo_k.yaml", "--dry-run", "--cluster", "local",
+    result = gppq_here("sweep", "--config", "configs/sweeps/demo_k.yaml", "--dry-run", "--cluster", "local",
                   "--set", "train.epochs=3", check=True)
     assert "sweep demo_k: 3 runs of configs/demo_digits.yaml" in result.stdout
     assert [line.strip() for line in result.stdout.splitlines()[1:4]] == [
@@ -58,7 +58,7 @@ def test_demo_sweep_dry_run():
 def test_unknown_grid_key_gets_the_config_loaders_message(tmp_path):
     base = write_config(tmp_path)
     sweep = write_sweep(tmp_path, base=base.name, grid={"quantization.types.conv3x3.kk": [64, 128]})
-    message = one_error(gppq("sweep", "--config", sweep, "--dry-run"))
+    message = one_error(gppq_here("sweep", "--config", sweep, "--dry-run"))
     assert message.startswith(f"error: {sweep}, point kk64: {base}: unknown key 'quantization.types.conv3x3.kk' "
                               "(did you mean 'k'?)")
 
@@ -66,7 +66,7 @@ def test_unknown_grid_key_gets_the_config_loaders_message(tmp_path):
 def test_invalid_grid_value_names_the_point(tmp_path):
     base = write_config(tmp_path)
     sweep = write_sweep(tmp_path, base=base.name, grid={"quantization.types.conv3x3.k": [64, 100]})
-    message = one_error(gppq("sweep", "--config", sweep, "--dry-run"))
+    message = one_error(gppq_here("sweep", "--config", sweep, "--dry-run"))
     assert message.startswith(f"error: {sweep}, point k100: {base}: quantization.types.conv3x3.k: must be a power "
                               "of two")
 
@@ -84,20 +84,20 @@ def test_invalid_grid_value_names_the_point(tmp_path):
 ])
 def test_bad_sweep_files_are_one_error_line(tmp_path, raw, expected):
     write_config(tmp_path)
-    message = one_error(gppq("sweep", "--config", write_sweep(tmp_path, **raw), "--dry-run"))
+    message = one_error(gppq_here("sweep", "--config", write_sweep(tmp_path, **raw), "--dry-run"))
     assert expected in message
 
 
 def test_set_cannot_override_a_swept_key(tmp_path):
     base = write_config(tmp_path)
     sweep = write_sweep(tmp_path, base=base.name, grid={"train.mu": [0.1, 0.2]})
-    message = one_error(gppq("sweep", "--config", sweep, "--dry-run", "--set", "train.mu=0.3"))
+    message = one_error(gppq_here("sweep", "--config", sweep, "--dry-run", "--set", "train.mu=0.3"))
     assert message == f"error: --set train.mu: {sweep} sweeps that key in its grid"
 
 
 def test_submit_refusals(tmp_path):
     config = write_config(tmp_path, train={"batch_size": 64})
-    # in this process (the real command line), but the last: it needs another PATH
+    # in this process: the real command line, from argument parsing to the error line
     assert one_error(gppq_here("submit", "--config", config, "--cluster", "kubernetes")) == (
         "error: --cluster: expected one of slurm, local, debug, got 'kubernetes'")
     assert "launch.nodes = 2, but --cluster local runs on this machine only" in one_error(
@@ -107,7 +107,7 @@ def test_submit_refusals(tmp_path):
     # a machine without SLURM's commands
     no_slurm = {"PATH": str(Path(sys.executable).parent)}
     assert "--cluster slurm: no sbatch/srun on PATH" in one_error(
-        gppq("submit", "--config", config, env=no_slurm))
+        gppq_here("submit", "--config", config, env=no_slurm))
     assert not (tmp_path / "runs").exists()
 
 

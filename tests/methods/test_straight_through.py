@@ -15,7 +15,7 @@ from gppq_dist.data.loaders import build_loader
 from gppq_dist.evaluate import evaluate
 from gppq_dist.pq.clipq import keep_mask
 from gppq_dist.train import checkpoint
-from tests.conftest import CLIPQ_RULES, CONFIGS, TSQ_RULES, gppq, write_config
+from tests.conftest import CLIPQ_RULES, CONFIGS, TSQ_RULES, gppq, gppq_here, write_config
 from tests.train.test_trainer import assert_same_model
 
 ONE_IMAGE = 100 / 359 + 1e-9
@@ -58,7 +58,7 @@ def test_clipq_trains_on_two_ranks_prunes_per_layer_and_lets_pruned_weights_back
         assert int(artifact.extras[plan.name].sum()) == n - math.floor(prune * n)
         assert torch.unique(artifact.decoded_weight(plan.name)).numel() <= 2**bits + 1  # levels and 0
     # the estimate before training counts a random pattern of the same density
-    planned = json.loads(gppq("size", "--config", path, "--json", check=True).stdout)
+    planned = json.loads(gppq_here("size", "--config", path, "--json", check=True).stdout)
     assert planned["size_mb"] == pytest.approx(summary["size_mb"], rel=0.02)
     # checkpoints hold the full-precision weights; weights pruned at step 5 are kept at the end
     states = [torch.load(p, weights_only=True) for p in reversed(checkpoint.saved(cfg.run_dir))]
@@ -77,7 +77,7 @@ def tsq_straight(tmp_path_factory, digits_dir):
     """A whole TSQ run: 1 epoch of step 1, step 2, 1 epoch of finetuning."""
     tmp_path = tmp_path_factory.mktemp("tsq")
     path = config(tmp_path, digits_dir, "tsq", TSQ, TSQ_RULES, checkpoint_every=0)
-    gppq("train", "--config", path, check=True)
+    gppq_here("train", "--config", path, check=True)
     return tmp_path, path
 
 
@@ -116,7 +116,7 @@ def test_tsq_resumes_across_its_phase_change_bit_identically(tsq_straight, tmp_p
     for leftover in (newest, tmp_path / "runs" / "tsq" / "gppq.gppq", tmp_path / "runs" / "tsq" / "summary.json"):
         leftover.unlink()
     split = config(tmp_path, digits_dir, "tsq", TSQ, TSQ_RULES, checkpoint_every=0)
-    gppq("train", "--config", split, "--resume", "auto", check=True)
+    gppq_here("train", "--config", split, "--resume", "auto", check=True)
     assert summary_of(tmp_path, "tsq")["history"] == summary_of(straight, "tsq")["history"]
     assert_same_model(straight / "runs" / "tsq" / "gppq.gppq", tmp_path / "runs" / "tsq" / "gppq.gppq")
 

@@ -12,7 +12,7 @@ from gppq_dist.data.loaders import build_loader
 from gppq_dist.distributed import DistContext
 from gppq_dist.evaluate import evaluate
 from gppq_dist.methods import run
-from tests.conftest import gppq, write_config
+from tests.conftest import gppq_here, write_config
 
 LOCAL = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SCALAR = {"types": {"conv3x3": {"d": 1, "k": 4}, "conv1x1": {"d": 1, "k": 4}, "linear": {"d": 1, "k": 4}}}
@@ -46,7 +46,7 @@ def test_the_artifact_is_the_model_that_was_scored_and_as_large_as_accounted(tmp
     accounted = summary["size_mb"] * 2**20
     assert accounted <= summary["file_bytes"] <= accounted * 1.01 + 64 * 1024
     assert summary["epochs"] == 0 and summary["top1_raw"] == summary["baseline_top1"]
-    planned = json.loads(gppq("size", "--config", cfg_path, "--json", check=True).stdout)  # no weights, no data
+    planned = json.loads(gppq_here("size", "--config", cfg_path, "--json", check=True).stdout)  # no weights, no data
     assert planned["size_mb"] == summary["size_mb"]
     assert json.loads((cfg.run_dir / "summary.json").read_text())["file_bytes"] == summary["file_bytes"]
 
@@ -65,8 +65,8 @@ def test_residual_stages_cost_what_they_buy(tmp_path, digits_dir):
 
 def test_gppq_train_runs_them_from_the_command_line(tmp_path, digits_dir):
     path = config_for(tmp_path, digits_dir, "pq_subspace")
-    result = gppq("train", "--config", path, "--set", "quantization.types.conv3x3.k=16", check=True)
+    result = gppq_here("train", "--config", path, "--set", "quantization.types.conv3x3.k=16", check=True)
     assert "quantized (pq_subspace;" in result.stdout
-    bad = gppq("train", "--config", path, "--set", "method.name=kmeans_scalar")
+    bad = gppq_here("train", "--config", path, "--set", "method.name=kmeans_scalar")
     assert bad.returncode == 2 and "method kmeans_scalar quantizes single weights" in bad.stderr
     assert "Traceback" not in bad.stderr

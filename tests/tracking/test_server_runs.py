@@ -17,7 +17,7 @@ import pytest
 
 from gppq_dist.tracking import Tracker
 from gppq_dist.tracking.tracker import JOURNAL, RUN_ID_FILE, read_journal
-from tests.conftest import ROOT, gppq, write_config
+from tests.conftest import ROOT, gppq, gppq_here, write_config
 from tests.tracking.conftest import start_server, wait_until
 from tests.tracking.helpers import PNG_MAGIC, epoch_record, finish_run, history_of, tiny_config
 
@@ -118,11 +118,11 @@ def test_a_server_lost_mid_run_costs_one_warning_and_sync_uploads_the_rest(tmp_p
         run_id = (run_dir / RUN_ID_FILE).read_text().strip()
         client = restarted.client()
         assert client.get_run(run_id).info.status == "RUNNING"  # as the crash left it
-        first = gppq("mlflow", "sync", run_dir, "--uri", restarted.url, check=True)
+        first = gppq_here("mlflow", "sync", run_dir, "--uri", restarted.url, check=True)
         assert f"run {run_id}" in first.stdout and "created" not in first.stdout, first.stdout
         assert "uploaded" in first.stdout and "4 artifacts" in first.stdout and "status FINISHED" in first.stdout
         check_logged_run(client, run_id, run_dir)
-        second = gppq("mlflow", "sync", run_dir, "--uri", restarted.url, check=True)
+        second = gppq_here("mlflow", "sync", run_dir, "--uri", restarted.url, check=True)
         assert "nothing to upload" in second.stdout, second.stdout
         assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     finally:
@@ -147,7 +147,7 @@ def test_compare_tables_an_experiments_finished_runs_and_draws_the_pareto_front(
     unfinished.log_metrics({"size_mb": 0.1, "top1_quantized": 99.0}, step=1)  # still RUNNING: not a row
 
     out = tmp_path / "compare"
-    result = gppq("compare", "--experiment", experiment, "--out", out, "--uri", mlflow_server.url, check=True)
+    result = gppq_here("compare", "--experiment", experiment, "--out", out, "--uri", mlflow_server.url, check=True)
     assert "3 finished runs" in result.stdout
     with open(out / "compare.csv", newline="") as handle:
         rows = {row["run"]: row for row in csv.DictReader(handle)}
@@ -172,12 +172,12 @@ def test_compare_tables_an_experiments_finished_runs_and_draws_the_pareto_front(
     assert len(compares) == 1 and compares[0].data.tags["gppq_role"] == "compare"
     assert {f.path for f in client.list_artifacts(compares[0].info.run_id)} == \
         {"compare.csv", "compare.md", "pareto.png"}
-    again = gppq("compare", "--experiment", experiment, "--out", out, "--uri", mlflow_server.url, check=True)
+    again = gppq_here("compare", "--experiment", experiment, "--out", out, "--uri", mlflow_server.url, check=True)
     assert "3 finished runs" in again.stdout  # the compare run is no row, and is reused
     assert len([r for r in client.search_runs([exp_id]) if r.info.run_name == "compare"]) == 1
     unfinished.end()
 
-    unknown = gppq("compare", "--experiment", "no-such-experiment", "--uri", mlflow_server.url)
+    unknown = gppq_here("compare", "--experiment", "no-such-experiment", "--uri", mlflow_server.url)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     assert unknown.stderr.startswith("error:") and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
     assert "no-such-experiment" in unknown.stderr and experiment in unknown.stderr

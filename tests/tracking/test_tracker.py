@@ -20,7 +20,7 @@ from gppq_dist.tracking import NullTracker, Tracker, open_tracker
 from gppq_dist.tracking.plots import dynamics_figure, dynamics_png, pareto_front
 from gppq_dist.tracking.tracker import (HTTP_LIMITS, JOURNAL, RUN_ID_FILE, flat_params, git_commit, mlflow_calls,
                                         read_journal)
-from tests.conftest import ROOT, gppq
+from tests.conftest import ROOT, gppq_here
 from tests.distributed_helpers import free_port
 from tests.tracking.helpers import PNG_MAGIC, epoch_record, finish_run, history_of, tiny_config
 
@@ -176,12 +176,12 @@ def test_a_dead_server_costs_one_warning_and_sync_creates_the_run_later(mlflow_s
     assert [r["kind"] for r in journal][-1] == "end"
 
     # without --uri: the store the run used, still down -> one error line
-    down = gppq("mlflow", "sync", run_dir)
+    down = gppq_here("mlflow", "sync", run_dir)
     assert down.returncode == 2 and "Traceback" not in down.stderr
     assert down.stderr.startswith("error:") and len(down.stderr.strip().splitlines()) == 1, down.stderr
     assert "connection refused" in down.stderr
 
-    first = gppq("mlflow", "sync", run_dir, "--uri", mlflow_server.url, check=True)
+    first = gppq_here("mlflow", "sync", run_dir, "--uri", mlflow_server.url, check=True)
     assert "created run" in first.stdout and "uploaded" in first.stdout, first.stdout
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     client = mlflow_server.client()
@@ -199,7 +199,7 @@ def test_a_dead_server_costs_one_warning_and_sync_creates_the_run_later(mlflow_s
     assert run.data.metrics["size_mb"] == summary["size_mb"]
     assert {f.path for f in client.list_artifacts(run_id)} == {"config.yaml", "summary.json", "dynamics.png"}
 
-    second = gppq("mlflow", "sync", run_dir, "--uri", mlflow_server.url, "--json", check=True)
+    second = gppq_here("mlflow", "sync", run_dir, "--uri", mlflow_server.url, "--json", check=True)
     report = json.loads(second.stdout)
     assert report["run_id"] == run_id and not report["created"]
     assert (report["params"], report["tags"], report["metrics"], report["artifacts"], report["status"]) == \
@@ -208,7 +208,7 @@ def test_a_dead_server_costs_one_warning_and_sync_creates_the_run_later(mlflow_s
 
 
 def test_sync_of_a_folder_without_a_journal_is_one_error_line(tmp_path):
-    result = gppq("mlflow", "sync", tmp_path)
+    result = gppq_here("mlflow", "sync", tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "tracking.jsonl" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 

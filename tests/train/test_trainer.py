@@ -22,7 +22,7 @@ from gppq_dist.config import load_config
 from gppq_dist.data.loaders import build_loader
 from gppq_dist.evaluate import evaluate
 from gppq_dist.train import checkpoint
-from tests.conftest import CONFIGS, gppq, torchrun, write_config
+from tests.conftest import CONFIGS, gppq, gppq_here, torchrun, write_config
 from tests.distributed_helpers import free_port
 
 STEPS_PER_EPOCH = 22
@@ -89,7 +89,7 @@ def resume_mid_epoch_and_compare(tmp_path, config, name, *extra):
     assert (newest.name, before.name) == ("step_00000044.pt", "step_00000040.pt")
     newest.unlink()
     (run / "summary.json").unlink()
-    gppq("train", "--config", config, "--resume", "auto", *extra, check=True)
+    (gppq if "--nproc" in extra else gppq_here)("train", "--config", config, "--resume", "auto", *extra, check=True)
     summary = summary_of(tmp_path, name)
     assert summary["resumed_from"].endswith("step_00000040.pt")
     assert summary["history"] == history
@@ -102,7 +102,7 @@ def one_reference(tmp_path_factory, digits_dir):
     Its mid-epoch checkpoints change nothing, so it is also the straight run that the
     resumed ones below must equal."""
     folder = tmp_path_factory.mktemp("one_reference")
-    result = gppq("train", "--config", digits_config(folder, digits_dir, "one"), check=True)
+    result = gppq_here("train", "--config", digits_config(folder, digits_dir, "one"), check=True)
     return folder, result
 
 
@@ -120,9 +120,9 @@ def test_train_one_process_and_resume_mid_epoch(one_reference, tmp_path, digits_
 def test_resume_after_an_epoch_with_more_epochs(one_reference, tmp_path, digits_dir):
     straight, _ = one_reference
     split = digits_config(tmp_path, digits_dir, "split", checkpoint_every=0)
-    gppq("train", "--config", split, "--set", "train.epochs=1", check=True)  # "interrupted" after epoch 1
+    gppq_here("train", "--config", split, "--set", "train.epochs=1", check=True)  # "interrupted" after epoch 1
     assert [p.name for p in checkpoint.saved(tmp_path / "runs" / "split")] == ["step_00000022.pt"]
-    resumed = gppq("train", "--config", split, "--resume", "auto", check=True)
+    resumed = gppq_here("train", "--config", split, "--resume", "auto", check=True)
     assert "resuming from" in resumed.stderr
     assert_same_model(straight / "runs" / "one" / "gppq.gppq", tmp_path / "runs" / "split" / "gppq.gppq")
     assert summary_of(straight, "one")["history"] == summary_of(tmp_path, "split")["history"]
@@ -135,15 +135,15 @@ def test_resume_after_an_epoch_with_more_epochs(one_reference, tmp_path, digits_
     assert state["global_step"] == 22 and set(state["scheme"]["psi"]) and isinstance(state["history"], list)
 
     # a fresh start over existing checkpoints is refused; so is resuming with other settings
-    fresh = gppq("train", "--config", split)
+    fresh = gppq_here("train", "--config", split)
     assert fresh.returncode == 2 and "--resume auto" in fresh.stderr and "Traceback" not in fresh.stderr
-    other = gppq("train", "--config", split, "--resume", "auto", "--set", "train.lr=0.1")
+    other = gppq_here("train", "--config", split, "--resume", "auto", "--set", "train.lr=0.1")
     assert other.returncode == 2 and "train.lr (0.01 -> 0.1)" in other.stderr
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, digits_dir):
     config = digits_config(tmp_path, digits_dir, "nan", lr=1e6, checkpoint_every=2)
-    result = gppq("train", "--config", config)
+    result = gppq_here("train", "--config", config)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = " ".join(result.stderr.split())
     assert "the training loss is not finite" in message, result.stderr
@@ -161,7 +161,7 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path, digits_dir):
     # bf16 on a CPU without bf16 instructions is emulated (seconds a step): a few steps
     config = digits_config(tmp_path, digits_dir, "bf16", epochs=1, precision="bf16", checkpoint_every=0,
                            batch_size=16, max_steps=8)
-    gppq("train", "--config", config, check=True)
+    gppq_here("train", "--config", config, check=True)
     summary = summary_of(tmp_path, "bf16")
     assert summary["precision"] == "bf16" and summary["steps"] == 8
     state = torch.load(checkpoint.saved(tmp_path / "runs" / "bf16")[0], weights_only=True)
