@@ -59,15 +59,26 @@ def _epoch_orders(rank, world_size, kind, root, samples, batch_size):
     return {"orders": orders, "same_seed": same_seed, "other_seed": other_seed, "len": len(loader)}
 
 
-@pytest.mark.parametrize("kind", ["dali", "torchvision"])
-def test_two_ranks_get_disjoint_shards_and_equal_steps(folder, kind):
-    # 31 samples labelled by their index, so a label names the file. Batch 4 on 2 ranks:
-    # DALI's shards hold 15 and 16 samples, 3 and 4 full batches; both ranks must stop at 3.
+def _both_kinds(rank, world_size, root, samples, batch_size):
+    return {kind: _epoch_orders(rank, world_size, kind, root, samples, batch_size) for kind in ("dali", "torchvision")}
+
+
+@pytest.fixture(scope="module")
+def two_rank_orders(folder):
+    """Both loaders on one spawned pair of ranks: 31 samples labelled by their index (a label
+    names the file), batch 4."""
     paths = index_split(data_config(folder), "train").paths[:31]
     samples = [(path, index) for index, path in enumerate(paths)]
+    return run_gloo(_both_kinds, 2, str(folder), samples, 4)
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_two_ranks_get_disjoint_shards_and_equal_steps(two_rank_orders, kind):
+    # Batch 4 on 2 ranks: DALI's shards hold 15 and 16 samples, 3 and 4 full batches; both
+    # ranks must stop at 3.
     batch_size, steps = 4, train_steps(31, 2, 4)
     assert steps == 3
-    ranks = run_gloo(_epoch_orders, 2, kind, str(folder), samples, batch_size)
+    ranks = [rank[kind] for rank in two_rank_orders]
 
     for epoch in (0, 1):
         seen = [[i for batch in rank["orders"][epoch] for i in batch] for rank in ranks]
