@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup demo test test-fast bench bench-methods gpu-check data-fashion clean
+.PHONY: setup demo test test-fast bench bench-methods bench-real gpu-check data-fashion clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: setup
 # every method at matched size on the demo data, 3 seeds (about 14 minutes on 2 cores)
 bench-methods: setup
 	$(BIN)/python benchmarks/compare_methods.py
+
+# every method on Fashion-MNIST (benchmarks/real_data.py): settings searched on val/, test/
+# scored once per final model; trains the baseline first when it is not cached (~35 min here)
+bench-real: data-fashion
+	$(BIN)/python benchmarks/real_data.py
 
 # what only a GPU can show, in one table (benchmarks/results/gpu_check.md), under 8 minutes
 # on one GPU; without a CUDA device one line and exit 0

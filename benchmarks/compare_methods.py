@@ -84,25 +84,20 @@ POINTS = ("small", "large", "2bit")
 EXTRA = {"tsq": {"train.epochs": 8}}
 
 
-def run_one(base: Path, out: Path, weights: str, method: str, point: str, seed: int, nproc: int,
-            force: bool) -> dict:
-    name = f"{point}_{method}_s{seed}"
+def gppq_train(base: Path, out: Path, name: str, method: str, sets: dict, nproc: int, force: bool) -> dict:
+    """``gppq train --config base --set KEY=VALUE...`` as run ``name`` under ``out`` (the
+    methods that train on ``nproc`` processes); a finished run is reused unless ``force``.
+    Returns its summary."""
     summary_path = out / name / "summary.json"
     if summary_path.is_file() and not force:
         return json.loads(summary_path.read_text())
-    if force and (out / name).exists():
+    if (out / name).exists():
         shutil.rmtree(out / name)
-    section, rules = SETTINGS[method][point]
-    sets = {
-        "name": name, "output_dir": str(out), "model.weights": weights, "seed": seed, "kmeans.seed": seed,
-        "method": section, "quantization.types": rules, **EXTRA.get(method, {}),
-        "tracking.uri": f"sqlite:///{(out / 'mlflow.db').resolve()}", "tracking.experiment": "compare_methods",
-    }
     command = [GPPQ, "train", "--config", str(base)]
     if method in TRAINED and nproc > 1:
         command += ["--nproc", str(nproc)]
-    for key, value in sets.items():
-        command += ["--set", f"{key}={json.dumps(value) if isinstance(value, dict) else value}"]
+    for key, value in {"name": name, "output_dir": str(out), **sets}.items():
+        command += ["--set", f"{key}={json.dumps(value) if isinstance(value, (dict, list)) else value}"]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -111,15 +106,31 @@ def run_one(base: Path, out: Path, weights: str, method: str, point: str, seed: 
     return json.loads(summary_path.read_text())
 
 
+def run_one(base: Path, out: Path, weights: str, method: str, point: str, seed: int, nproc: int,
+            force: bool) -> dict:
+    section, rules = SETTINGS[method][point]
+    sets = {
+        "model.weights": weights, "seed": seed, "kmeans.seed": seed,
+        "method": section, "quantization.types": rules, **EXTRA.get(method, {}),
+        "tracking.uri": f"sqlite:///{(out / 'mlflow.db').resolve()}", "tracking.experiment": "compare_methods",
+    }
+    return gppq_train(base, out, f"{point}_{method}_s{seed}", method, sets, nproc, force)
+
+
+def common_arguments(parser: argparse.ArgumentParser, config: str, seeds: int, out: str) -> None:
+    """The options both method benchmarks take."""
+    parser.add_argument("--config", default=str(ROOT / "configs" / config))
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--points", nargs="+", default=list(POINTS), choices=POINTS)
+    parser.add_argument("--nproc", type=int, default=2, help="processes for the methods that train")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
+    parser.add_argument("--force", action="store_true", help="run again even where a summary exists")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo_digits.yaml"))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--points", nargs="+", default=list(POINTS), choices=POINTS)
-    parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--nproc", type=int, default=2, help="processes for the methods that train")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
-    parser.add_argument("--force", action="store_true", help="run again even where a summary exists")
+    common_arguments(parser, "demo_digits.yaml", 3, "compare")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
