@@ -63,7 +63,7 @@ def write_config(directory: Path, name: str = "tiny", **sections) -> Path:
         "tracking": {"enabled": False},
     }
     for key, value in sections.items():
-        if key == "tracking":
+        if key == "tracking":  # a test's own section replaces the default (tracking on unless it says)
             raw[key] = value
         elif isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
@@ -79,8 +79,12 @@ def gppq(*args: str, cwd: Path | None = None, env: dict | None = None, check: bo
     script = Path(sys.executable).parent / "gppq"
     result = subprocess.run([str(script), *map(str, args)], cwd=cwd or ROOT, capture_output=True,
                             text=True, env={**os.environ, **(env or {})}, timeout=900)
+    return _checked(result, check)
+
+
+def _checked(result: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
-        raise AssertionError(f"gppq {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{' '.join(map(str, result.args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -113,10 +117,8 @@ def gppq_here(*args: str, cwd: Path | None = None, env: dict | None = None, chec
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    result = subprocess.CompletedProcess(["gppq", *map(str, args)], code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"gppq {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+    return _checked(subprocess.CompletedProcess(["gppq", *map(str, args)], code, out.getvalue(), err.getvalue()),
+                    check)
 
 
 @pytest.fixture(scope="session")
