@@ -55,7 +55,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import POINTS, SETTINGS, common_arguments, every_kind, gppq_train  # noqa: E402
@@ -95,7 +94,7 @@ def train(base: Path, out: Path, weights: str, method: str, point: str, sets: di
     return {**gppq_train(base, out, name, method, every, args.nproc, args.force), "name": name}
 
 
-def test_top1(out: Path, summary: dict, test_dir: Path) -> float:
+def score_on_test(out: Path, summary: dict, test_dir: Path) -> float:
     """The artifact's top-1 on test/, computed once and kept beside the run."""
     record = out / summary["name"] / "test.json"
     if not record.is_file():
@@ -211,7 +210,7 @@ def main() -> None:
                 sets.setdefault("method", {"name": "tsq", "code_epochs": 0})
             seeds = range(args.seeds)
             summaries = [train(base, out, baseline["weights"], method, point, sets, seed, args) for seed in seeds]
-            tests = [test_top1(out, s, test_dir) for s in summaries]
+            tests = [score_on_test(out, s, test_dir) for s in summaries]
             per_seed[(method, point)] = tests
             rows.append({
                 "method": method, "point": point, "size_mb": summaries[0]["size_mb"],
@@ -265,7 +264,6 @@ def main() -> None:
     print(text)
     (out / "real_data.md").write_text(text + "\n")
     plot(rows, out / "real_data.png", "Fashion-MNIST, ResNet-18: size vs test top-1 (std over seeds)")
-    (out / "settings.yaml").write_text(yaml.safe_dump({"chosen": chosen, "steps": steps}, sort_keys=False))
     print(f"\nwritten to {out / 'real_data.md'}, {out / 'real_data.png'} and {out / 'search.json'}")
 
 
