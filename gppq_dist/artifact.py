@@ -292,6 +292,31 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
         model = create_model(spec) if has_transient_buffers(model) else model.to_empty(device="cpu")
     except ConfigError as exc:
         raise ArtifactError(str(exc)) from None
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps = 0.0
+    try:
+        model.load_state_dict(dense_state(artifact, model), strict=True)
+    except (RuntimeError, KeyError) as exc:
+        raise ArtifactError(f"{where} does not fit a {spec.label}: {exc}") from None
+    modules = dict(model.named_modules())
+    for plan in artifact.layers:
+        extra = codec_for(plan.codec).extra
+        if extra is not None:
+            extra.install(modules[plan.name], artifact.extras[plan.name])
+    return model.eval()
+
+
+def dense_state(artifact: Artifact, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict under which ``model`` (the artifact's architecture) computes in eval
+    mode what the artifact encodes: decoded weights, the unquantized tensors, and each
+    BatchNorm's folded vectors as ``weight = scale * sqrt(1 + eps)`` (the module's own eps),
+    ``bias = shift``, ``running_mean = 0``, ``running_var = 1``. A codec's other state (TSQ's
+    input quantizers) is not part of a state dict: :func:`rebuild_model` installs it.
+
+    This is also how a run starts from an artifact (``model.weights: FILE.gppq``): in train
+    mode each BatchNorm normalises by its batch statistics again, starting from the folded
+    affine, and re-estimates its running statistics."""
     state = {_weight_name(p.name): artifact.decoded_weight(p.name) for p in artifact.layers}
     state.update(artifact.params)
     state.update(artifact.buffers)
@@ -300,22 +325,12 @@ def rebuild_model(artifact: Artifact) -> nn.Module:
             continue
         prefix = f"{name}." if name else ""
         scale = artifact.bn_scale[name]
-        module.eps = 0.0
-        state[prefix + "weight"] = scale
+        state[prefix + "weight"] = (scale.double() * (1.0 + module.eps) ** 0.5).float()
         state[prefix + "bias"] = artifact.bn_shift[name]
         state[prefix + "running_mean"] = torch.zeros_like(scale)
         state[prefix + "running_var"] = torch.ones_like(scale)
         state[prefix + "num_batches_tracked"] = torch.zeros((), dtype=torch.long)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{where} does not fit a {spec.label}: {exc}") from None
-    modules = dict(model.named_modules())
-    for plan in artifact.layers:
-        extra = codec_for(plan.codec).extra
-        if extra is not None:
-            extra.install(modules[plan.name], artifact.extras[plan.name])
-    return model.eval()
+    return state
 
 
 def snap_model_(model: nn.Module, plans: list[LayerPlan], codebooks: dict[str, torch.Tensor],

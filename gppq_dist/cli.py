@@ -32,6 +32,10 @@ data_app = typer.Typer(
     no_args_is_help=True, help="Data sets: write the demo or synthetic data, check a data folder before training."
 )
 app.add_typer(data_app, name="data")
+import_app = typer.Typer(
+    no_args_is_help=True, help="Bring in models compressed by other tools, as .gppq artifacts."
+)
+app.add_typer(import_app, name="import")
 
 
 @app.command()
@@ -117,6 +121,28 @@ def inspect(artifact: Path = typer.Argument(..., help=".gppq file"), as_json: bo
         f"accounted {info['accounted_mb']:.3f} MB ({info['accounted_bytes']:,.0f} B), file {file_bytes:,} B "
         f"({info['file_over_accounted']:.3f}x accounted), ratio {info['ratio']:.1f}x"
     )
+
+
+@import_app.command("kill-the-bits")
+def import_kill_the_bits(
+    source: Path = typer.Argument(..., help="their compressed .pth (e.g. resnet18_small_blocks.pth)"),
+    arch: str = typer.Option(..., "--arch", help="resnet18 or resnet50"),
+    out: Path = typer.Option(..., "--out", help="the .gppq to write"),
+) -> None:
+    """A model compressed by "And the Bit Goes Down" (facebookresearch/kill-the-bits) as a .gppq
+    artifact: their fp16 codebooks and assignments unchanged, BN and the stem beside them.
+    Read with weights_only (nothing in the file runs). Continue training it with
+    model.weights: OUT.gppq and the matching quantization rules."""
+    from gppq_dist.artifact import write_artifact
+    from gppq_dist.interop.kill_the_bits import import_kill_the_bits as convert
+
+    artifact = convert(source, arch)
+    written = write_artifact(artifact, out)
+    source_bytes = source.stat().st_size
+    stdout.print(
+        f"{out}: {artifact.arch}, {len(artifact.layers)} coded layers, accounted {artifact.accounted_bytes / 2**20:.3f} MB "
+        f"({artifact.accounted_bytes:,.0f} B), file {written:,} B; {source} {source_bytes:,} B "
+        f"(ratio {artifact.info['fp32_bytes'] / artifact.accounted_bytes:.1f}x)", markup=False, highlight=False)
 
 
 @app.command("eval")

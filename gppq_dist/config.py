@@ -136,8 +136,9 @@ class ModelConfig(Strict):
     weights: str = Field(
         "random",
         description="'random' (seeded init), torchvision weights of the arch by name (IMAGENET1K_V1, "
-        "DEFAULT, ResNet50_Weights.IMAGENET1K_V2, read from torchvision's cache; arch only), or a state "
-        "dict file (.safetensors, .pt, .pth)",
+        "DEFAULT, ResNet50_Weights.IMAGENET1K_V2, read from torchvision's cache; arch only), a state "
+        "dict file (.safetensors, .pt, .pth), or a .gppq artifact (its decoded model; gppq and two_stage_pq "
+        "continue from its codebooks and assignments)",
     )
 
     @field_validator("factory")

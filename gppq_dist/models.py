@@ -10,7 +10,7 @@ build when the model's last module with parameters is a Linear (else not checked
 that cannot be imported or called, or that returns something other than an ``nn.Module``,
 is one :class:`~gppq_dist.errors.ConfigError` naming ``model.factory``, its value and why.
 
-``model.weights`` is one of three things:
+``model.weights`` is one of four things:
 
 - ``random``: the architecture's own (seeded) initialisation;
 - a torchvision weights name for ``model.arch`` (a factory's model has none):
@@ -22,6 +22,10 @@ is one :class:`~gppq_dist.errors.ConfigError` naming ``model.factory``, its valu
   would hang until a timeout, so a missing file is one error naming the path and the URL.
   ``gppq fetch-weights ARCH NAME`` fetches it once beforehand (torch.hub's
   download, checked against the hash in the file name, nothing loaded);
+- a ``.gppq`` artifact of the same architecture: its decoded model
+  (:func:`gppq_dist.artifact.dense_state`); G&P PQ and two-stage PQ also take its
+  codebooks and assignments as their start instead of k-means
+  (:func:`gppq_dist.methods.base.artifact_start`);
 - anything else: a state dict file (``.safetensors``, or ``.pt``/``.pth`` read with
   ``weights_only=True``).
 
@@ -359,6 +363,11 @@ def load_weights(model: nn.Module, source: str | Path, key: str = "model.weights
         arch, num_classes = _BUILT[model]
         state = load_torchvision_weights(arch, str(source), num_classes, key)
         where = f"{source} ({weights_cache_path(torchvision_weights(arch, str(source), key=key))})"
+    elif str(source).endswith(".gppq"):
+        from gppq_dist.artifact import dense_state, read_artifact
+
+        state = dense_state(read_artifact(source), model)
+        where = f"artifact '{source}'"
     else:
         state = load_state_dict(source, key)
         where = f"'{source}'"

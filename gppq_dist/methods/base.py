@@ -101,6 +101,47 @@ def joint_pq(weights: Sequence["torch.Tensor"], plans: Sequence["LayerPlan"], **
     return code(weights, plans, **kmeans)
 
 
+def artifact_start(cfg: "RunConfig", plans: Sequence["LayerPlan"]) -> "tuple[dict, dict] | None":
+    """``(psi, codebooks)`` of the ``.gppq`` artifact that ``model.weights`` names (codebooks
+    as stored, fp16 values in fp32), for a PQ method that continues it instead of clustering;
+    None when ``model.weights`` is no artifact. Its coded layers must be this run's plans:
+    same names, codec ``pq``, same d and K (else one ConfigError naming the first that differs)."""
+    if not str(cfg.model.weights).endswith(".gppq"):
+        return None
+    from gppq_dist.artifact import read_artifact
+    from gppq_dist.errors import ConfigError
+
+    artifact = read_artifact(cfg.model.weights)
+    theirs = {plan.name: plan for plan in artifact.layers}
+    where = f"model.weights: artifact '{cfg.model.weights}'"
+    ours = {plan.name for plan in plans}
+    if theirs.keys() != ours:
+        extra, missing = sorted(theirs.keys() - ours), sorted(ours - theirs.keys())
+        raise ConfigError(f"{where} codes {len(theirs)} layers, this run's quantization plans {len(ours)}"
+                          + (f"; only the artifact codes {', '.join(extra[:4])}" if extra else "")
+                          + (f"; only the run plans {', '.join(missing[:4])}" if missing else "")
+                          + " (expected the same layers, to continue its codes)")
+    for plan in plans:
+        found = theirs[plan.name]
+        if (found.codec, found.d, found.k) != ("pq", plan.d, plan.k):
+            raise ConfigError(f"{where} codes layer '{plan.name}' as {found.codec} d={found.d} K={found.k}, this "
+                              f"run's quantization plans pq d={plan.d} K={plan.k} (expected the same, to continue "
+                              "its codes; its rules are in `gppq inspect`)")
+    return ({name: artifact.assignments[name] for name in ours},
+            {name: artifact.codebooks[name].float() for name in ours})
+
+
+def starting_codes(cfg: "RunConfig", plans: Sequence["LayerPlan"], state: "dict[str, Any] | None",
+                   fresh: Callable[[], "tuple[dict, dict | None]"]) -> "tuple[dict, dict | None]":
+    """``(psi, codebooks or None)`` a PQ scheme starts from: the checkpoint's psi (its model
+    state holds the rest); else the artifact's codes (:func:`artifact_start`); else ``fresh()``,
+    the method's own coding."""
+    if state is not None:
+        return state["psi"], None
+    start = artifact_start(cfg, plans)
+    return start if start is not None else fresh()
+
+
 # The raw (not yet validated) layer rules, as a method's LegacyCheck reads them.
 RULE_TIERS = ("default", "types", "names")
 

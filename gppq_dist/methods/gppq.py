@@ -1,5 +1,8 @@
 """G&P PQ (the paper): k-means once, then the progressive update (``train.*``).
 
+A run whose ``model.weights`` is a ``.gppq`` artifact coded under the run's rules (e.g. one
+imported by ``gppq import kill-the-bits``) starts from its codebooks and assignments instead.
+
 Its layers are coded with ``pq`` (one joint K x d codebook per layer); the trainer trains
 the codewords through :class:`gppq_dist.train.schemes.GPScheme`.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict
+from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict, starting_codes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,13 +30,15 @@ class GPPQMethod(Strict):
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,
                 state: dict[str, Any] | None, manifest: Any) -> Scheme:
-    """psi from the checkpoint, or from the (distributed) k-means of every planned layer."""
+    """psi from the checkpoint; else psi and the codewords of the artifact ``model.weights``
+    names (its decoded weights are the model: Gamma starts at 0); else the (distributed)
+    k-means of every planned layer."""
     from gppq_dist.compress import cluster
     from gppq_dist.models import create_model
     from gppq_dist.train.schemes import GPScheme
 
-    psi = state["psi"] if state is not None else cluster(model, cfg, context, reducer).assignments
-    return GPScheme(model, plans, psi, cfg.train.mu, build=lambda: create_model(cfg.model.spec))
+    psi, codebooks = starting_codes(cfg, plans, state, lambda: (cluster(model, cfg, context, reducer).assignments, None))
+    return GPScheme(model, plans, psi, cfg.train.mu, codebooks, build=lambda: create_model(cfg.model.spec))
 
 
 SPEC = MethodSpec(name="gppq", config=GPPQMethod, layer=LayerQuant, codec="pq", scheme=make_scheme)

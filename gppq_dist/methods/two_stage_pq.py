@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict
+from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict, starting_codes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,17 +34,18 @@ class TwoStagePQMethod(Strict):
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,
                 state: dict[str, Any] | None, manifest: Any) -> Scheme:
-    """psi from the checkpoint, or stage 1 (which snaps the weights to their codewords)."""
+    """psi from the checkpoint; else psi and the codewords of the artifact ``model.weights``
+    names (stage 1 done: its decoded weights are the model); else stage 1 (which snaps the
+    weights to their codewords)."""
     from gppq_dist.models import create_model
     from gppq_dist.train.schemes import GPScheme
 
-    codebooks = None
-    if state is not None:
-        psi = state["psi"]
-    else:
+    def stage_1():
         from gppq_dist.methods.two_stage import layerwise_pq
 
-        psi, codebooks = layerwise_pq(model, plans, cfg, context, reducer, manifest)
+        return layerwise_pq(model, plans, cfg, context, reducer, manifest)
+
+    psi, codebooks = starting_codes(cfg, plans, state, stage_1)
     # the codewords of snapped weights: no pull (mu = 0), and the weights stay exactly quantized
     return GPScheme(model, plans, psi, 0.0, codebooks, two_stage=True, build=lambda: create_model(cfg.model.spec))
 

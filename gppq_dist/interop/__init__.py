@@ -1,0 +1,1 @@
+"""Models compressed by other tools, brought into the ``.gppq`` artifact."""
