@@ -276,6 +276,17 @@ class TrackingConfig(Strict):
     log_every: int = Field(10, gt=0, description="steps between per-step metric records")
 
 
+# sbatch options a job's resources or its requeueing depend on: where each comes from instead
+MANAGED_SBATCH = {
+    **{name: f"use launch.{key}" for name, key in (
+        ("nodes", "nodes"), ("partition", "partition"), ("account", "account"), ("qos", "qos"),
+        ("constraint", "constraint"), ("cpus-per-task", "cpus_per_task"), ("mem", "mem_gb"),
+        ("time", "timeout_min"), ("gpus-per-node", "gpus_per_node"), ("ntasks-per-node", "cpu_tasks_per_node"))},
+    **{name: "submitit sets it (the job's logs, name, array and requeue signal)" for name in (
+        "job-name", "output", "error", "signal", "open-mode", "array", "wckey", "requeue")},
+}
+
+
 class LaunchConfig(Strict):
     """Defaults for `gppq submit` / `gppq sweep` (each can be overridden on the command line)."""
 
@@ -285,8 +296,28 @@ class LaunchConfig(Strict):
     cpus_per_task: int = Field(1, gt=0)
     mem_gb: int | None = Field(None, gt=0)
     partition: str | None = None
+    account: str | None = Field(None, description="SLURM account charged (sbatch --account)")
+    qos: str | None = Field(None, description="SLURM quality of service (sbatch --qos)")
+    constraint: str | None = Field(None, description="SLURM node features required, e.g. 'a100&ib' (sbatch --constraint)")
+    sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="any other sbatch option by its long name without '--', e.g. {exclude: 'node[01-02]', "
+        "mail-type: END} (submitit's slurm_additional_parameters; true: a flag without value)")
     timeout_min: int = Field(60, gt=0)
     folder: str = Field("runs/slurm", description="submitit's logs and pickles")
+
+    @field_validator("sbatch")
+    @classmethod
+    def _not_managed(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options gppq sets itself have their own keys (or are what makes a job resumable)."""
+        for option in options:
+            name = option.removeprefix("--").replace("_", "-")
+            if name in MANAGED_SBATCH:
+                raise ValueError(f"{option!r} is set by gppq: {MANAGED_SBATCH[name]}")
+            if options[option] is False:
+                raise ValueError(f"{option!r}: false is no sbatch value; leave the option out (true: a flag "
+                                 "without value)")
+        return {option.removeprefix("--").replace("_", "-"): value for option, value in options.items()}
 
 
 @functools.lru_cache(maxsize=8)

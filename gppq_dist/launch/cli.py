@@ -44,6 +44,10 @@ def submit(
     cpu_tasks_per_node: Optional[int] = typer.Option(
         None, "--cpu-tasks-per-node", min=1, help="tasks per node of a CPU job (default: launch.cpu_tasks_per_node)"),
     partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition (default: launch.partition)"),
+    account: Optional[str] = typer.Option(None, "--account", help="SLURM account (default: launch.account)"),
+    qos: Optional[str] = typer.Option(None, "--qos", help="SLURM quality of service (default: launch.qos)"),
+    constraint: Optional[str] = typer.Option(
+        None, "--constraint", help="SLURM node features, e.g. 'a100&ib' (default: launch.constraint)"),
     timeout_min: Optional[int] = typer.Option(
         None, "--timeout-min", min=1,
         help="time limit of one slot; the job then requeues itself (default: launch.timeout_min)"),
@@ -54,14 +58,16 @@ def submit(
 
     One task per GPU (--gpus-per-node) or launch.cpu_tasks_per_node tasks for CPU jobs,
     on --nodes nodes; every task is one rank. The job trains with --resume auto, so a
-    requeued job continues from its newest checkpoint.
+    requeued job continues from its newest checkpoint. Other sbatch options: launch.sbatch
+    (e.g. --set launch.sbatch.exclude=node01).
     """
     from gppq_dist.config import load_config, parse_overrides
     from gppq_dist.launch.submit import Resources, log_file, pin_tracking_uri, submit_run, tracking_uri, wait_for
 
     flags = {"launch.nodes": nodes, "launch.gpus_per_node": gpus_per_node,
              "launch.cpu_tasks_per_node": cpu_tasks_per_node, "launch.partition": partition,
-             "launch.timeout_min": timeout_min}
+             "launch.timeout_min": timeout_min, "launch.account": account, "launch.qos": qos,
+             "launch.constraint": constraint}
     overrides = {**parse_overrides(sets or []), **{k: v for k, v in flags.items() if v is not None}}
     cfg = pin_tracking_uri(load_config(config, overrides))
     job = submit_run(cfg, cluster)

@@ -56,6 +56,10 @@ class Resources:
     partition: str | None
     timeout_min: int
     folder: str
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch: tuple[tuple[str, Any], ...] = ()  # other sbatch options, in the config's order
 
     @classmethod
     def of(cls, cfg: RunConfig) -> "Resources":
@@ -63,7 +67,8 @@ class Resources:
         tasks = launch.gpus_per_node if launch.gpus_per_node > 0 else launch.cpu_tasks_per_node
         return cls(nodes=launch.nodes, gpus_per_node=launch.gpus_per_node, tasks_per_node=tasks,
                    cpus_per_task=launch.cpus_per_task, mem_gb=launch.mem_gb, partition=launch.partition,
-                   timeout_min=launch.timeout_min, folder=launch.folder)
+                   timeout_min=launch.timeout_min, folder=launch.folder, account=launch.account, qos=launch.qos,
+                   constraint=launch.constraint, sbatch=tuple(launch.sbatch.items()))
 
     @property
     def world_size(self) -> int:
@@ -195,6 +200,11 @@ def make_executor(cluster: str, res: Resources, name: str, array_parallelism: in
         params["gpus_per_node"] = res.gpus_per_node
     if cluster == "slurm":
         params["slurm_partition"] = res.partition
+        for key in ("account", "qos", "constraint"):
+            if getattr(res, key) is not None:
+                params[f"slurm_{key}"] = getattr(res, key)
+        if res.sbatch:
+            params["slurm_additional_parameters"] = dict(res.sbatch)
         if array_parallelism is not None:
             params["slurm_array_parallelism"] = array_parallelism
     executor.update_parameters(**params)

@@ -184,6 +184,7 @@ class LocalSlurm:
         fields = dict(item.split("=", 1) for item in line.split())
         fields["RealMemory"] = str(max(256, int(int(fields.get("RealMemory", "1024")) * 0.8)))
         self.node = fields["NodeName"]
+        fields["Features"] = "gppqtest"  # a node feature for launch.constraint to ask for
         return " ".join(f"{key}={value}" for key, value in fields.items()) + " NodeAddr=127.0.0.1 State=UNKNOWN"
 
     def _write_conf(self) -> None:

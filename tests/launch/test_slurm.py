@@ -42,9 +42,15 @@ def submit(config, cwd, *extra):
 
 def test_submit_two_task_job(tmp_path, slurm_env, digits_dir, local_reference):
     config = launch_config(tmp_path, digits_dir, "two")
-    result, job_id = submit(config, tmp_path, "--wait")
+    result, job_id = submit(config, tmp_path, "--wait", "--account", "vision", "--constraint", "gppqtest",
+                            "--set", "launch.sbatch={comment: gppq-two, exclusive: true}")
     assert final_state(slurm_env, job_id) == "COMPLETED"
     assert slurm_env.job_field(job_id, "NumTasks") == "2"
+    # launch.account / constraint / sbatch reached sbatch through submitit
+    assert slurm_env.job_field(job_id, "Account") == "vision"
+    assert slurm_env.job_field(job_id, "Features") == "gppqtest"
+    assert slurm_env.job_field(job_id, "Comment") == "gppq-two"
+    assert slurm_env.job_field(job_id, "OverSubscribe") == "NO"  # --exclusive
     summary = summary_of(tmp_path, "two")
     assert summary["world_size"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH
     assert f"{tmp_path / 'runs' / 'two' / 'gppq.gppq'}: top-1" in result.stdout
