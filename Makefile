@@ -45,7 +45,7 @@ bench-methods: setup
 # every method on Fashion-MNIST (benchmarks/real_data.py): settings searched on val/, test/
 # scored once per final model; trains the baseline first when it is not cached (~35 min here)
 bench-real: data-fashion
-	$(BIN)/python benchmarks/real_data.py
+	$(BIN)/python benchmarks/real_data.py --docs
 
 # what only a GPU can show, in one table (benchmarks/results/gpu_check.md), under 8 minutes
 # on one GPU; without a CUDA device one line and exit 0

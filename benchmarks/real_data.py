@@ -29,7 +29,8 @@ Protocol:
 Every run is a real ``gppq train`` (its own folder under ``--out``); finished runs are reused
 unless ``--force``, so an interrupted benchmark goes on where it stopped. Writes
 ``real_data.md``, ``real_data.png`` (size vs test top-1, error bars: std over seeds) and
-``search.json`` to ``--out``.
+``search.json`` to ``--out``; with ``--docs`` (``make bench-real``) the table and plot also to
+``docs/``, where the README shows them.
 
 The default plan is 18 search runs and 30 final runs (14 trained, 16 untrained). Its size
 was chosen to fit 150 minutes on a 2-core machine with the baseline cached: a trained run
@@ -72,6 +73,7 @@ PAPER_MUS = (1e-4, 1e-3, 1e-2, 1e-1)
 # 1.349 and 1.301 MB by `gppq size`; the search keeps those within 5% of G&P's size
 CLIPQ_SMALL = ((0.85, 2), (0.8, 1), (0.88, 3))
 SEARCH_POINT = {"gppq": "small", "two_stage_pq": "small", "clipq": "small", "tsq": "2bit"}
+REUSED = {True: 0, False: 0}  # runs reused (finished before) and run by this invocation
 
 
 def run_name(point: str, method: str, sets: dict, seed: int) -> str:
@@ -83,6 +85,7 @@ def train(base: Path, out: Path, weights: str, method: str, point: str, sets: di
     """One ``gppq train`` of ``method`` at ``point`` with ``sets`` on top (reused when it
     finished before); returns its summary and ``name``."""
     name = run_name(point, method, sets, seed)
+    REUSED[(out / name / "summary.json").is_file() and not args.force] += 1
     section, rules = SETTINGS[method][point]
     every = {
         "model.weights": weights, "seed": seed, "kmeans.seed": seed,
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run (smoke runs of the script)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the baseline and every run (repeatable)")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the table and plot to docs/ (what the README shows; make bench-real)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +232,8 @@ def main() -> None:
         f"Fashion-MNIST, ResNet-18 at 32x32 (baseline val top-1 {baseline['top1']:.2f}%), {args.epochs} epoch(s) "
         f"of batch {cfg.train.batch_size} ({steps} steps) per trained run, {args.seeds} seeds, trained methods "
         f"on {args.nproc} CPU processes; settings chosen on val/ ({manifest['val']:,} images), test/ "
-        f"({manifest['test']:,} images) scored once per model; total {total / 60:.0f} min",
+        f"({manifest['test']:,} images) scored once per model; this invocation {total / 60:.0f} min "
+        f"({REUSED[False]} runs trained, {REUSED[True]} finished runs reused)",
         "",
         "| method | point | accounted MB | file bytes | ratio | val top-1 % | test top-1 % (mean +- std) "
         "| 95% interval (one run) | train wall s | settings |",
@@ -262,9 +268,11 @@ def main() -> None:
                   f"{os.cpu_count()} cores"]
     text = "\n".join(lines)
     print(text)
-    (out / "real_data.md").write_text(text + "\n")
-    plot(rows, out / "real_data.png", "Fashion-MNIST, ResNet-18: size vs test top-1 (std over seeds)")
-    print(f"\nwritten to {out / 'real_data.md'}, {out / 'real_data.png'} and {out / 'search.json'}")
+    for folder in [out] + ([ROOT / "docs"] if args.docs else []):
+        (folder / "real_data.md").write_text(text + "\n")
+        plot(rows, folder / "real_data.png", "Fashion-MNIST, ResNet-18: size vs test top-1 (std over seeds)")
+        print(f"\nwritten to {folder / 'real_data.md'} and {folder / 'real_data.png'}")
+    print(f"search: {out / 'search.json'}")
 
 
 if __name__ == "__main__":
