@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup demo test test-fast bench bench-methods bench-real gpu-check data-fashion clean
+.PHONY: setup demo test test-fast docs bench bench-methods bench-real gpu-check data-fashion clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# the README's command and configuration reference, generated from the code (tests/test_docs.py
+# fails when it drifts)
+docs: setup
+	$(BIN)/python -m gppq_dist.docs
 
 bench: setup
 	$(BIN)/python benchmarks/kmeans_vs_faiss.py

@@ -87,7 +87,8 @@ app.command()(commands.compress)
 
 
 @app.command()
-def inspect(artifact: Path = typer.Argument(..., help=".gppq file"), as_json: bool = JsonOption) -> None:
+def inspect(artifact: Path = typer.Argument(..., metavar="FILE", help=".gppq file"),
+            as_json: bool = JsonOption) -> None:
     """What an artifact holds: per-layer layout, accounted size and real file size."""
     from gppq_dist.artifact import read_artifact
     from gppq_dist.pq.accounting import layer_cost
@@ -125,14 +126,15 @@ def inspect(artifact: Path = typer.Argument(..., help=".gppq file"), as_json: bo
 
 @import_app.command("kill-the-bits")
 def import_kill_the_bits(
-    source: Path = typer.Argument(..., help="their compressed .pth (e.g. resnet18_small_blocks.pth)"),
-    arch: str = typer.Option(..., "--arch", help="resnet18 or resnet50"),
-    out: Path = typer.Option(..., "--out", help="the .gppq to write"),
+    source: Path = typer.Argument(..., metavar="FILE.pth",
+                                  help="their compressed .pth (e.g. resnet18_small_blocks.pth)"),
+    arch: str = typer.Option(..., "--arch", metavar="resnet18|resnet50", help="resnet18 or resnet50"),
+    out: Path = typer.Option(..., "--out", metavar="FILE.gppq", help="the .gppq to write"),
 ) -> None:
     """A model compressed by "And the Bit Goes Down" (facebookresearch/kill-the-bits) as a .gppq
     artifact: their fp16 codebooks and assignments unchanged, BN and the stem beside them.
     Read with weights_only (nothing in the file runs). Continue training it with
-    model.weights: OUT.gppq and the matching quantization rules."""
+    model.weights: FILE.gppq and the matching quantization rules."""
     from gppq_dist.artifact import write_artifact
     from gppq_dist.interop.kill_the_bits import import_kill_the_bits as convert
 
@@ -147,10 +149,11 @@ def import_kill_the_bits(
 
 @app.command("eval")
 def evaluate_artifact(
-    artifact: Path = typer.Argument(..., help=".gppq file"),
-    data: Path = typer.Option(..., "--data", help="folder with val/<class>/* (or class folders directly)"),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    workers: int = typer.Option(2, "--workers"),
+    artifact: Path = typer.Argument(..., metavar="FILE", help=".gppq file"),
+    data: Path = typer.Option(..., "--data", metavar="DIR",
+                              help="folder with val/<class>/* (or class folders directly)"),
+    batch_size: int = typer.Option(256, "--batch-size", metavar="N"),
+    workers: int = typer.Option(2, "--workers", metavar="N"),
     as_json: bool = JsonOption,
 ) -> None:
     """Top-1/top-5 of the model an artifact rebuilds, on a labelled image folder."""
@@ -172,9 +175,9 @@ def evaluate_artifact(
 
 @data_app.command("digits")
 def data_digits(
-    out: Path = typer.Option(Path("data/digits"), "--out", help="output folder"),
-    image_size: int = typer.Option(32, "--size", help="side of the square JPEGs"),
-    seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
+    out: Path = typer.Option(Path("data/digits"), "--out", metavar="DIR", help="output folder"),
+    image_size: int = typer.Option(32, "--size", metavar="N", help="side of the square JPEGs"),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="seed of the train/val split"),
 ) -> None:
     """Write scikit-learn's digits as an ImageNet-style JPEG folder (train/ and val/)."""
     from gppq_dist.data.digits import write_digits
@@ -185,11 +188,12 @@ def data_digits(
 
 @data_app.command("fashion-mnist")
 def data_fashion_mnist(
-    out: Path = typer.Option(..., "--out", help="output folder (train/, val/, test/ of class folders)"),
-    source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="output folder (train/, val/, test/ of class folders)"),
+    source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source", metavar="DIR",
                                 help="folder with the four IDX files (Debian's dataset-fashion-mnist puts them here)"),
-    val: int = typer.Option(5000, "--val", min=0, help="training images held out as val/ (stratified by class)"),
-    seed: int = typer.Option(0, "--seed", help="seed of the val split: same seed, same bytes"),
+    val: int = typer.Option(5000, "--val", min=0, metavar="N",
+                            help="training images held out as val/ (stratified by class)"),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="seed of the val split: same seed, same bytes"),
 ) -> None:
     """Write Fashion-MNIST (70,000 28x28 greyscale images, 10 classes) as PNG class folders:
     train/, a stratified val/ held out of the training images, and test/ (score it once)."""
@@ -202,16 +206,18 @@ def data_fashion_mnist(
 
 @data_app.command("synthetic")
 def data_synthetic(
-    classes: int = typer.Option(..., "--classes", min=1, help="number of classes (folders c000, c001, ...)"),
-    per_class: int = typer.Option(..., "--per-class", min=1, help="train images per class"),
-    size: str = typer.Option(..., "--size", help="image width x height in pixels, e.g. 500x375"),
-    out: Path = typer.Option(..., "--out", help="output folder"),
+    classes: int = typer.Option(..., "--classes", min=1, metavar="N",
+                                help="number of classes (folders c000, c001, ...)"),
+    per_class: int = typer.Option(..., "--per-class", min=1, metavar="M", help="train images per class"),
+    size: str = typer.Option(..., "--size", metavar="WxH", help="image width x height in pixels, e.g. 500x375"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="output folder"),
     val_per_class: Optional[int] = typer.Option(
-        None, "--val-per-class", min=1, help="val images per class; default: per-class / 5, at least 1"
+        None, "--val-per-class", min=1, metavar="V", help="val images per class; default: per-class / 5, at least 1"
     ),
-    seed: int = typer.Option(0, "--seed", help="same seed, same bytes"),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="same seed, same bytes"),
 ) -> None:
-    """Write an ImageNet-layout folder of seeded synthetic JPEGs (train/c000/*.JPEG, val/...)."""
+    """Write an ImageNet-layout folder of seeded synthetic JPEGs (train/c000/*.JPEG, val/...; same
+    seed, same bytes), for tests and loader benchmarks."""
     from gppq_dist.data.synthetic import write_synthetic
 
     width, height = _image_size(size)
@@ -222,10 +228,13 @@ def data_synthetic(
 
 @data_app.command("check")
 def data_check(
-    folder: Path = typer.Argument(..., help="data root with train/<class>/* and val/<class>/* (or class folders)"),
-    train_list: Optional[Path] = typer.Option(None, "--train-list", help="'path label' file list for train"),
-    val_list: Optional[Path] = typer.Option(None, "--val-list", help="'path label' file list for val"),
-    workers: int = typer.Option(2, "--workers", min=0, help="decoding processes (0: decode in this process)"),
+    folder: Path = typer.Argument(..., metavar="DIR",
+                                  help="data root with train/<class>/* and val/<class>/* (or class folders)"),
+    train_list: Optional[Path] = typer.Option(None, "--train-list", metavar="FILE",
+                                              help="'path label' file list for train"),
+    val_list: Optional[Path] = typer.Option(None, "--val-list", metavar="FILE", help="'path label' file list for val"),
+    workers: int = typer.Option(2, "--workers", min=0, metavar="N",
+                                help="decoding processes (0: decode in this process)"),
     as_json: bool = JsonOption,
 ) -> None:
     """Pre-flight check of a data folder: bad images, stray files, empty or unshared classes.
@@ -282,7 +291,7 @@ def pretrain(
     sets: Optional[list[str]] = SetOption,
     device: str = DeviceOption,
 ) -> None:
-    """Train the uncompressed baseline (cached in the run folder)."""
+    """Train the uncompressed baseline (cached in the run folder, by its settings)."""
     from gppq_dist.pretrain import pretrain as run_pretrain
 
     summary = run_pretrain(load_run_config(config, None, sets), force=force, device=device)
@@ -292,12 +301,12 @@ def pretrain(
 
 @app.command()
 def demo(
-    config: Path = typer.Option(Path("configs/demo_digits.yaml"), "--config", "-c"),
-    nproc: int = typer.Option(2, "--nproc", min=1, help="processes for the G&P PQ stage (torchrun for N > 1; "
-                              "on GPUs at most one per visible GPU)"),
+    config: Path = typer.Option(Path("configs/demo_digits.yaml"), "--config", "-c", metavar="CFG"),
+    nproc: int = typer.Option(2, "--nproc", min=1, metavar="N", help="processes for the G&P PQ stage (torchrun for "
+                              "N > 1; on GPUs at most one per visible GPU)"),
     sets: Optional[list[str]] = SetOption,
-    device: str = typer.Option("auto", "--device", help="auto: on the GPUs when CUDA is visible (--nproc cut to "
-                               "one process per GPU), else the CPU; cpu; cuda"),
+    device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="auto: on the GPUs when CUDA is "
+                               "visible (--nproc cut to one process per GPU), else the CPU; cpu; cuda"),
 ) -> None:
     """The whole flow on the digits data: data, baseline (cached), direct PQ, G&P PQ, table."""
     from gppq_dist.demo import run_demo

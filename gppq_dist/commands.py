@@ -20,11 +20,12 @@ import typer
 from gppq_dist.console import print_json, run_app, stdout
 from gppq_dist.errors import UserError
 
-ConfigOption = typer.Option(..., "--config", "-c", help="run config (YAML)")
+ConfigOption = typer.Option(..., "--config", "-c", metavar="CFG", help="run config (YAML)")
 ArchOption = typer.Option(None, "--arch", help="override model.arch (any torchvision ResNet/ResNeXt/...)")
-SetOption = typer.Option(None, "--set", help="override a config key: KEY=VALUE (repeatable)")
+SetOption = typer.Option(None, "--set", metavar="KEY=VALUE",
+                         help="override a config key: KEY=VALUE (repeatable)")
 JsonOption = typer.Option(False, "--json", help="print one JSON object instead of a table")
-DeviceOption = typer.Option("auto", "--device",
+DeviceOption = typer.Option("auto", "--device", metavar="auto|cpu|cuda",
                             help="auto: one GPU per process when CUDA is visible, else the CPU; cpu; cuda")
 
 
@@ -40,10 +41,12 @@ def load_run_config(path: Path, arch: str | None = None, sets: list[str] | None 
 
 def train(
     config: Path = ConfigOption,
-    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (runs torchrun for N > 1)"),
-    max_restarts: int = typer.Option(0, "--max-restarts", min=0,
+    nproc: int = typer.Option(1, "--nproc", min=1, metavar="N",
+                              help="processes on this machine (runs torchrun for N > 1)"),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, metavar="R",
                                      help="with --nproc: torchrun restarts after a failed rank (resuming)"),
-    resume: str = typer.Option("none", "--resume", help="auto: continue from the newest checkpoint; none: start fresh"),
+    resume: str = typer.Option("none", "--resume", metavar="auto|none",
+                               help="auto: continue from the newest checkpoint; none: start fresh"),
     sets: Optional[list[str]] = SetOption,
     device: str = DeviceOption,
 ) -> None:
@@ -76,16 +79,18 @@ def train(
 def compress(
     config: Path = ConfigOption,
     weights: Optional[str] = typer.Option(
-        None, "--weights", help="state dict file (.safetensors/.pt), a torchvision weights name of the arch "
-        "(IMAGENET1K_V1, DEFAULT, ...) or 'random'; default: model.weights"
+        None, "--weights", metavar="PATH|NAME|random", help="state dict file (.safetensors/.pt), a torchvision "
+        "weights name of the arch (IMAGENET1K_V1, DEFAULT, ...) or 'random'; default: model.weights"
     ),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact path; default: <run dir>/direct_pq.gppq"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                       help="artifact path; default: <run dir>/direct_pq.gppq"),
     arch: Optional[str] = ArchOption,
     sets: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
     device: str = DeviceOption,
 ) -> None:
-    """Direct PQ: k-means on the weights, no finetuning; writes a .gppq artifact.
+    """Direct PQ: k-means on the weights, no finetuning; writes a .gppq artifact. With a method
+    that does not train (kmeans_scalar, pq_subspace, residual_pq), that method's codes instead.
 
     Under torchrun (python -m gppq_dist.compress ...) the k-means is distributed.
     """

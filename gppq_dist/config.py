@@ -74,16 +74,26 @@ class QuantizationConfig(Strict, Generic[Layer]):
     """Which layers are coded, each rule a ``Layer`` (the method's layer settings; by itself,
     the PQ methods' ``{d, k}``)."""
 
-    skip_first_conv: bool = True
+    skip_first_conv: bool = Field(True, description="Leave the stem (the model's first conv) at fp32.")
     on_indivisible: Literal["error", "skip"] = Field(
         "error",
-        description="a planned layer whose row length (Cin/groups*kh*kw, in_features) its rule's d does not divide, "
-        "e.g. a depthwise 3x3 conv (rows of 9) under d: 4: error (one error naming the layer and the divisors), or "
-        "skip (the layer stays fp32, and one INFO line lists every layer so left)",
+        description="A planned layer whose row length (`Cin/groups*kh*kw`, `in_features`) its rule's `d` does not "
+        "divide, e.g. a depthwise 3x3 conv (`Cout x 1 x 3 x 3`: rows of 9) under `d: 4`: `error` (one error naming "
+        "the rule, the layer and the divisors that fit) or `skip` (the layer stays fp32; one log line lists every "
+        "layer so left).",
     )
-    default: Layer | None = None
-    types: dict[str, Layer | None] = Field(default_factory=dict)
-    names: dict[str, Layer | None] = Field(default_factory=dict)
+    default: Layer | None = Field(
+        None, description="The layer setting of the layers no other rule matches (`null`: leave them alone); a "
+        "layer setting is the method's (layer settings table below): `{d, k}` for the PQ methods, `{prune, bits}` "
+        "for `clipq`, `{}` for `tsq`.")
+    types: dict[str, Layer | None] = Field(
+        default_factory=dict, json_schema_extra={"each_key": "kind"},
+        description="A layer setting per layer kind, `conv<kh>x<kw>` (e.g. `conv3x3`, `conv1x1`) or `linear`; "
+        "`null` leaves that kind alone.")
+    names: dict[str, Layer | None] = Field(
+        default_factory=dict, json_schema_extra={"each_key": "regex"},
+        description="A layer setting or `null` for the modules whose name the regex fully matches; the first match "
+        "wins, before `types`.")
 
     @field_validator("types")
     @classmethod
@@ -126,19 +136,28 @@ class ModelConfig(Strict):
     """
 
     arch: str | None = Field(
-        None, description="a torchvision classification model name, e.g. resnet18 (or set factory instead)")
+        None, description="A torchvision classification model, e.g. `resnet18`, `resnext50_32x4d`; exactly one of "
+        "`model.arch` and `model.factory` is set.")
     factory: str | None = Field(
-        None, description="'package.module:function' that returns an nn.Module, called with kwargs, e.g. "
-        "timm:create_model or torchvision.models:mobilenet_v2 (instead of arch)")
+        None, description="Any model: `\"package.module:function\"` returning an `nn.Module`, called with "
+        "`model.kwargs`, e.g. `timm:create_model` or `torchvision.models:mobilenet_v2`, instead of `model.arch`; "
+        "imported when the model is built (one error naming the key, the value and what failed) and recorded in "
+        "the artifact, so that `rebuild_model` rebuilds it where the package is importable.")
     kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments of factory; num_classes is not added to them")
-    num_classes: int = Field(1000, gt=0, description="outputs of the model (a factory's kwargs must give as many)")
+        default_factory=dict, description="Keyword arguments of `model.factory`, e.g. `{model_name: "
+        "efficientnet_b0, num_classes: 10}`; `num_classes` is not added to them (put it here), but checked against "
+        "a final Linear.")
+    num_classes: int = Field(1000, gt=0, description="Outputs of the model (a factory's kwargs must give as many).")
     weights: str = Field(
         "random",
-        description="'random' (seeded init), torchvision weights of the arch by name (IMAGENET1K_V1, "
-        "DEFAULT, ResNet50_Weights.IMAGENET1K_V2, read from torchvision's cache; arch only), a state "
-        "dict file (.safetensors, .pt, .pth), or a .gppq artifact (its decoded model; gppq and two_stage_pq "
-        "continue from its codebooks and assignments)",
+        description="`random` (seeded init); a torchvision weights name of `model.arch` (`IMAGENET1K_V1`, "
+        "`DEFAULT`, `ResNet50_Weights.IMAGENET1K_V2`, ...: checked when the config loads against the arch and "
+        "`model.num_classes`, read from torchvision's cache `$TORCH_HOME/hub/checkpoints/` with "
+        "`weights_only=True`); a state dict file (`.safetensors`, or `.pt`/`.pth` read with `weights_only=True`, a "
+        "`state_dict`/`model` wrapper and `module.` prefixes accepted; a file named like a weights name is written "
+        "`./NAME`); or a `.gppq` artifact of the same architecture. An artifact's decoded model is the start, and "
+        "`gppq` and `two_stage_pq` take its codebooks and assignments instead of k-means (see Models from "
+        "kill-the-bits).",
     )
 
     @field_validator("factory")
@@ -195,66 +214,98 @@ class ModelConfig(Strict):
 
 
 class KMeansConfig(Strict):
-    iterations: int = Field(20, gt=0, description="Lloyd iterations (stops early at a fixed point)")
-    seed: int = 0
+    """The k-means that codes the layers (direct PQ, the methods' starting codes)."""
+
+    iterations: int = Field(20, gt=0, description="Lloyd iterations (stops early at a fixed point).")
+    seed: int = Field(0, description="Seed of the k-means++ initialisation (each layer's derived from it).")
     init_sample: int = Field(
-        32, gt=0, description="k-means++ seeds from at most init_sample * k subvectors"
+        32, gt=0, description="k-means++ seeds from at most `init_sample * K` subvectors."
     )
-    kernel: Literal["auto", "faiss", "torch"] = "auto"
-    chunk_mb: int = Field(64, gt=0, description="memory budget of one distance block (torch kernel)")
+    kernel: Literal["auto", "faiss", "torch"] = Field(
+        "auto", description="Nearest-codeword kernel: `faiss` (CPU tensors, needs faiss-cpu), `torch` (blocked "
+        "matmul, any device) or `auto` (faiss where it can run, else torch).")
+    chunk_mb: int = Field(64, gt=0, description="Memory budget in MB of one distance block of the torch kernel.")
 
 
 class DataConfig(Strict):
-    root: str = "data/imagenet"
-    image_size: int = Field(224, gt=0, description="train crop and val center crop")
-    resize_size: int = Field(256, gt=0, description="val: shorter side resized to this first")
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    horizontal_flip: bool = True
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    batch_size: int = Field(256, gt=0, description="evaluation batch size")
-    workers: int = Field(2, ge=0, description="torchvision loader processes / DALI CPU threads")
-    loader: Literal["dali", "torchvision"] = "dali"
+    """The image folder and how batches are made from it (see Data loading in the README)."""
+
+    root: str = Field("data/imagenet", description="Image folder in ImageNet layout: `train/<class>/*`, "
+                      "`val/<class>/*`.")
+    image_size: int = Field(224, gt=0, description="Side of the train crop (random-resized) and of the val center "
+                            "crop.")
+    resize_size: int = Field(256, gt=0, description="Val: the shorter side is resized to this, then center-cropped "
+                             "to `data.image_size`.")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random-resized-crop area range (training).")
+    horizontal_flip: bool = Field(True, description="Random horizontal flips (training).")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Normalization mean per channel "
+                                             "(ImageNet's).")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Normalization standard deviation per "
+                                            "channel (ImageNet's).")
+    batch_size: int = Field(256, gt=0, description="Evaluation batch size per process (training takes "
+                            "`train.batch_size`, pretraining `pretrain.batch_size`).")
+    workers: int = Field(2, ge=0, description="DALI CPU threads (at least 1) or torchvision `DataLoader` worker "
+                         "processes; also the decoding processes of the pre-flight data check.")
+    loader: Literal["dali", "torchvision"] = Field(
+        "dali", description="`dali` or `torchvision` (see Data loading); `dali` falls back to torchvision, with "
+        "one warning, where DALI cannot be imported.")
     device: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="where DALI decodes: gpu ('mixed'), cpu, or gpu when one is visible"
+        "auto", description="Where DALI decodes: `gpu` (nvJPEG, `mixed`, on the process's GPU), `cpu`, or `auto` "
+        "(the GPU when one is visible); batches always arrive on the process's device, so `cpu` on a GPU machine "
+        "means CPU decoding and a GPU model."
     )
-    on_bad_file: Literal["error", "skip"] = "error"
-    train_list: str | None = Field(None, description="file list ('path label' per line) for train")
-    val_list: str | None = Field(None, description="file list ('path label' per line) for val")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="`error`: stop before training with the list of bad files; `skip`: leave them out.")
+    train_list: str | None = Field(
+        None, description="Train file list, one `path label` per line (path relative to `data.root`; label a train "
+        "class folder name or index); none: the `train/` class folders.")
+    val_list: str | None = Field(
+        None, description="Val file list in the same form, e.g. for a flat val folder; none: the `val/` class "
+        "folders.")
 
 
 class PretrainConfig(Strict):
     """Training of the uncompressed baseline (the demo's starting point)."""
 
-    epochs: int = Field(15, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(15, gt=0, description="Epochs of baseline training (`gppq pretrain`, the demo): SGD "
+                        "with Nesterov momentum under a one-cycle schedule, in one process.")
+    batch_size: int = Field(64, gt=0, description="Baseline training batch size.")
+    lr: float = Field(0.05, gt=0, description="Peak learning rate of the one-cycle schedule.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum (Nesterov when above 0).")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay of baseline training.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
 
 
 class TrainConfig(Strict):
-    """G&P PQ training (paper §4.1 defaults): SGD, ReduceLROnPlateau on the val loss."""
+    """Training of the methods that train (the paper's §4.1 defaults for G&P PQ): SGD,
+    ReduceLROnPlateau on the quantized model's val loss."""
 
-    epochs: int = Field(30, gt=0)
-    batch_size: int = Field(256, gt=0, description="global batch, split evenly over the ranks")
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(1e-8, ge=0)
-    mu: float = Field(1e-3, ge=0, description="strength of the pull toward the codewords (eq. 6)")
-    plateau_patience: int = Field(2, ge=0, description="epochs without val-loss gain before lr / 10")
-    checkpoint_every: int = Field(1000, ge=0, description="steps between mid-epoch checkpoints (0: epoch ends only)")
+    epochs: int = Field(30, gt=0, description="Training epochs of the methods that train (G&P PQ; the finetuning "
+                        "of two-stage PQ, CLIP-Q and TSQ).")
+    batch_size: int = Field(256, gt=0, description="Global training batch, split evenly over the ranks.")
+    lr: float = Field(0.01, gt=0, description="SGD learning rate (the paper's).")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum (the paper's).")
+    weight_decay: float = Field(1e-8, ge=0, description="SGD weight decay (the paper's).")
+    mu: float = Field(1e-3, ge=0, description="G&P PQ: strength of the pull toward the codewords (eq. 6); scale it "
+                      "up for short runs.")
+    plateau_patience: int = Field(2, ge=0, description="ReduceLROnPlateau on the quantized model's val loss: lr / 10 "
+                                  "after this many epochs without gain.")
+    checkpoint_every: int = Field(1000, ge=0, description="Steps between mid-epoch checkpoints (`0`: only at epoch "
+                                  "ends, which always get one).")
     max_steps: int | None = Field(
-        None, gt=0, description="stop after this many training steps, the last epoch ending there (smoke "
-        "tests, start-up benchmarks); null: train.epochs whole epochs")
+        None, gt=0, description="Stop after this many training steps, the epoch ending there (evaluation, checkpoint, "
+        "artifact as at any epoch end), for smoke tests and start-up benchmarks; may change on resume; none: "
+        "`train.epochs` whole epochs.")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: forward/backward under bf16 autocast; weights, G&P update and optimizer stay fp32")
+        "fp32", description="`bf16`: forward and backward under `torch.autocast(bfloat16)` (meant for GPUs; works, "
+        "slowly, on CPUs); weights, the G&P update and the optimizer stay fp32.")
     engine: Literal["ddp", "deepspeed", "fsdp"] = Field(
-        "ddp", description="ddp (torch DDP), deepspeed (ZeRO 0-3, train.deepspeed_config) or fsdp (torch "
-        "FSDP2, fully_shard: every child module holding parameters, then the model)")
+        "ddp", description="`ddp` (torch DDP), `deepspeed` (DeepSpeed engine, ZeRO stage 0/1/2/3, "
+        "`train.deepspeed_config`) or `fsdp` (torch FSDP2, `fully_shard`: every child module holding parameters, "
+        "then the model); see Training.")
     deepspeed_config: str | None = Field(
-        None, description="DeepSpeed JSON (ZeRO stage 0/1/2/3) for engine: deepspeed, e.g. configs/deepspeed/zero1.json")
+        None, description="DeepSpeed JSON for `engine: deepspeed` (required then), e.g. "
+        "`configs/deepspeed/zero1.json`.")
 
     @model_validator(mode="after")
     def _deepspeed_needs_a_config(self) -> "TrainConfig":
@@ -267,13 +318,15 @@ class TrainConfig(Strict):
 class TrackingConfig(Strict):
     """MLflow tracking (rank 0 only)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="MLflow tracking by rank 0 (see Tracking).")
     uri: str | None = Field(
-        None, description="tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
-    experiment: str = Field("gppq", description="MLflow experiment name")
-    run_name: str | None = Field(None, description="MLflow run name; default: the config's name")
-    parent_run_id: str | None = Field(None, description="nest this run under another (set by gppq sweep)")
-    log_every: int = Field(10, gt=0, description="steps between per-step metric records")
+        None, description="Tracking URI; none: `$MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working "
+        "directory.")
+    experiment: str = Field("gppq", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; none: the config's `name`.")
+    parent_run_id: str | None = Field(None, description="Nest the run under another (set by `gppq sweep`).")
+    log_every: int = Field(10, gt=0, description="Steps between per-step records (`loss`, `step_lr`, "
+                           "`images_per_s`).")
 
 
 # sbatch options a job's resources or its requeueing depend on: where each comes from instead
@@ -290,21 +343,30 @@ MANAGED_SBATCH = {
 class LaunchConfig(Strict):
     """Defaults for `gppq submit` / `gppq sweep` (each can be overridden on the command line)."""
 
-    nodes: int = Field(1, gt=0)
-    gpus_per_node: int = Field(0, ge=0, description="one process per GPU; 0: CPU jobs")
-    cpu_tasks_per_node: int = Field(1, gt=0, description="processes per node for CPU jobs (gpus_per_node: 0)")
-    cpus_per_task: int = Field(1, gt=0)
-    mem_gb: int | None = Field(None, gt=0)
-    partition: str | None = None
-    account: str | None = Field(None, description="SLURM account charged (sbatch --account)")
-    qos: str | None = Field(None, description="SLURM quality of service (sbatch --qos)")
-    constraint: str | None = Field(None, description="SLURM node features required, e.g. 'a100&ib' (sbatch --constraint)")
+    nodes: int = Field(1, gt=0, description="Nodes of a job (`gppq submit --nodes`).")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node, one process each; `0`: a CPU job "
+                               "(`gppq submit --gpus-per-node`).")
+    cpu_tasks_per_node: int = Field(1, gt=0, description="Processes per node of a CPU job, "
+                                    "`gpus_per_node: 0` (`gppq submit --cpu-tasks-per-node`).")
+    cpus_per_task: int = Field(1, gt=0, description="CPUs per process (sbatch `--cpus-per-task`).")
+    mem_gb: int | None = Field(None, gt=0, description="Memory per node in GB (sbatch `--mem`); none: the "
+                               "cluster's default.")
+    partition: str | None = Field(None, description="SLURM partition (`gppq submit --partition`); none: "
+                                  "the cluster's default.")
+    account: str | None = Field(None, description="SLURM account charged, sbatch `--account` (`gppq submit "
+                                "--account`).")
+    qos: str | None = Field(None, description="SLURM quality of service, sbatch `--qos` (`gppq submit --qos`).")
+    constraint: str | None = Field(None, description="SLURM node features required, e.g. `a100&ib`, "
+                                   "sbatch `--constraint` (`gppq submit --constraint`).")
     sbatch: dict[str, str | int | bool] = Field(
         default_factory=dict,
-        description="any other sbatch option by its long name without '--', e.g. {exclude: 'node[01-02]', "
-        "mail-type: END} (submitit's slurm_additional_parameters; true: a flag without value)")
-    timeout_min: int = Field(60, gt=0)
-    folder: str = Field("runs/slurm", description="submitit's logs and pickles")
+        description="Any other sbatch option by its long name, e.g. `{exclude: \"node[01-02]\", mail-type: END, "
+        "exclusive: true}` (`true`: a flag without value), passed through submitit's "
+        "`slurm_additional_parameters`; an option gppq sets itself (`time`, `nodes`, `job-name`, `output`, "
+        "`signal`, `requeue`, ...) is refused naming the key to use.")
+    timeout_min: int = Field(60, gt=0, description="Time limit of one slot in minutes, after which the job "
+                             "requeues itself and resumes (`gppq submit --timeout-min`).")
+    folder: str = Field("runs/slurm", description="submitit's folder of logs and pickles, one subfolder per job.")
 
     @field_validator("sbatch")
     @classmethod
@@ -327,13 +389,20 @@ def _method_union(config_types: tuple[type[BaseModel], ...]) -> TypeAdapter:
 
 
 class RunConfig(Strict):
-    name: str
-    output_dir: str = "runs"
-    seed: int = 0
+    """One run, as its YAML file describes it (the sections below)."""
+
+    name: str = Field(description="Run name; the run folder is `output_dir/name`.")
+    output_dir: str = Field("runs", description="Where run folders go.")
+    seed: int = Field(0, description="Seeds the weight init (`model.weights: random`), the data order and "
+                      "augmentation, pretraining and training.")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     # before quantization: the rules are checked as the method's layer settings
-    method: Any = Field(default_factory=GPPQMethod, description="one of the registered methods' config types")
+    method: Any = Field(
+        default_factory=GPPQMethod,
+        description="The compression method, by name (`method: residual_pq`) or as a section (`method: {name: "
+        "residual_pq, stages: 3}`): one of the registered methods, whose keys are in the methods table below "
+        "(see Methods).")
     quantization: SerializeAsAny[QuantizationConfig]
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 import typer
 
+from gppq_dist.commands import ConfigOption, SetOption
 from gppq_dist.methods import result_line
 
+CLUSTERS = "slurm|local|debug"
 CLUSTER_HELP = "slurm (sbatch), local (processes on this machine, in the background) or debug (in this process)"
 
 
@@ -35,23 +37,27 @@ def _tracking_line(cfg, uri: str | None) -> str:
 
 
 def submit(
-    config: Path = typer.Option(..., "--config", "-c", help="run config (YAML)"),
-    cluster: str = typer.Option("slurm", "--cluster", help=CLUSTER_HELP),
-    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="nodes (default: launch.nodes)"),
+    config: Path = ConfigOption,
+    cluster: str = typer.Option("slurm", "--cluster", metavar=CLUSTERS, help=CLUSTER_HELP),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, metavar="N", help="nodes (default: launch.nodes)"),
     gpus_per_node: Optional[int] = typer.Option(
-        None, "--gpus-per-node", min=0,
+        None, "--gpus-per-node", min=0, metavar="G",
         help="GPUs per node, one task each; 0: CPU job (default: launch.gpus_per_node)"),
     cpu_tasks_per_node: Optional[int] = typer.Option(
-        None, "--cpu-tasks-per-node", min=1, help="tasks per node of a CPU job (default: launch.cpu_tasks_per_node)"),
-    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition (default: launch.partition)"),
-    account: Optional[str] = typer.Option(None, "--account", help="SLURM account (default: launch.account)"),
-    qos: Optional[str] = typer.Option(None, "--qos", help="SLURM quality of service (default: launch.qos)"),
+        None, "--cpu-tasks-per-node", min=1, metavar="T",
+        help="tasks per node of a CPU job (default: launch.cpu_tasks_per_node)"),
+    partition: Optional[str] = typer.Option(None, "--partition", metavar="P",
+                                            help="SLURM partition (default: launch.partition)"),
+    account: Optional[str] = typer.Option(None, "--account", metavar="A",
+                                          help="SLURM account (default: launch.account)"),
+    qos: Optional[str] = typer.Option(None, "--qos", metavar="Q",
+                                      help="SLURM quality of service (default: launch.qos)"),
     constraint: Optional[str] = typer.Option(
-        None, "--constraint", help="SLURM node features, e.g. 'a100&ib' (default: launch.constraint)"),
+        None, "--constraint", metavar="C", help="SLURM node features, e.g. 'a100&ib' (default: launch.constraint)"),
     timeout_min: Optional[int] = typer.Option(
-        None, "--timeout-min", min=1,
+        None, "--timeout-min", min=1, metavar="M",
         help="time limit of one slot; the job then requeues itself (default: launch.timeout_min)"),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: KEY=VALUE (repeatable)"),
+    sets: Optional[list[str]] = SetOption,
     wait: bool = typer.Option(False, "--wait", help="wait for the job and print its result (debug always does)"),
 ) -> None:
     """Submit one training run (gppq train) as a submitit job; it resumes after preemption.
@@ -88,11 +94,14 @@ def submit(
 
 
 def sweep(
-    config: Path = typer.Option(..., "--config", "-c", help="sweep file (YAML): base config and grid"),
-    cluster: str = typer.Option("slurm", "--cluster", help=CLUSTER_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="override a key of every point: KEY=VALUE"),
+    config: Path = typer.Option(..., "--config", "-c", metavar="SWEEP",
+                                help="sweep file (YAML): base config and grid"),
+    cluster: str = typer.Option("slurm", "--cluster", metavar=CLUSTERS, help=CLUSTER_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                             help="override a key of every point: KEY=VALUE"),
     parallelism: Optional[int] = typer.Option(
-        None, "--parallelism", min=1, help="array jobs running at once (default: the file's parallelism, else all)"),
+        None, "--parallelism", min=1, metavar="P",
+        help="array jobs running at once (default: the file's parallelism, else all)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="check and list the points, submit nothing"),
     wait: bool = typer.Option(False, "--wait", help="wait for every job and print the results (debug always does)"),
 ) -> None:

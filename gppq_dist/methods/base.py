@@ -45,8 +45,10 @@ class Strict(BaseModel):
 class LayerQuant(Strict):
     """Product quantization of one layer: subvectors of length ``d``, ``k`` codewords."""
 
-    d: int = Field(gt=0, description="subvector length")
-    k: int = Field(gt=0, description="codewords in the layer's joint codebook (a power of two)")
+    d: int = Field(gt=0, description="Subvector length; it must divide the layer's row length "
+                   "(`quantization.on_indivisible`).")
+    k: int = Field(gt=0, description="Codewords per codebook, a power of two (clamped per layer to the largest "
+                   "below a quarter of the subvectors the codebook is fitted on).")
 
     @field_validator("k")
     @classmethod

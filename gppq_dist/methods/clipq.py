@@ -48,14 +48,18 @@ class ClipQMethod(Strict):
     ``train.*``) are pruned and quantized for the forward pass. The paper's Bayesian-
     optimisation search for per-layer settings is not part of this method: set them."""
 
-    name: Literal["clipq"]
+    name: Literal["clipq"] = Field(
+        description="CLIP-Q (Tung & Mori 2018): every step the full-precision weights are pruned and quantized (each "
+        "layer's `{prune, bits}`) for the forward and backward pass, straight-through. The former `method.prune`, "
+        "`method.bits` and `method.layers` are one `error:` line giving the `quantization` section to write instead.")
 
 
 class ClipQLayer(Strict):
     """One layer's CLIP-Q setting."""
 
-    prune: float = Field(ge=0.0, lt=1.0, description="fraction of the layer's weights pruned (smallest magnitude)")
-    bits: int = Field(ge=1, le=8, description="the kept weights take 2^bits levels")
+    prune: float = Field(ge=0.0, lt=1.0, description="Fraction of the layer's weights pruned (smallest magnitude, "
+                         "`floor(p N)` exactly).")
+    bits: int = Field(ge=1, le=8, description="Bit width of the kept weights: they take 2^bits levels.")
 
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field
+
 from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict, starting_codes
 
 if TYPE_CHECKING:
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 class GPPQMethod(Strict):
     """G&P PQ (the paper): k-means once, then the progressive update (``train.*``)."""
 
-    name: Literal["gppq"] = "gppq"
+    name: Literal["gppq"] = Field("gppq", description="G&P PQ, the paper (the default): k-means once, then the "
+                                  "progressive update every step (`train.*`, see Training).")
 
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict, joint_pq
 
@@ -14,11 +14,16 @@ class KMeansScalarMethod(Strict):
     """Gong et al. 2014: scalar k-means of all weights of a layer (every rule's d must be 1,
     K levels), no training."""
 
-    name: Literal["kmeans_scalar"]
+    name: Literal["kmeans_scalar"] = Field(description="Gong et al. 2014: scalar k-means of all weights of a layer "
+                                           "to K levels (every rule's `d` is 1), no training.")
 
 
 class ScalarLayer(LayerQuant):
     """``{d: 1, k}``: k levels for the single weights of a layer."""
+
+    d: int = Field(gt=0, description="`1`: every weight is a subvector of its own.")
+    k: int = Field(gt=0, description="Levels of the layer, a power of two (clamped per layer to the largest below "
+                   "a quarter of its weights).")
 
     @field_validator("d")
     @classmethod

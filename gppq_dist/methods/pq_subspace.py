@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from pydantic import Field
+
 from gppq_dist.methods.base import LayerQuant, MethodSpec, Strict
 
 if TYPE_CHECKING:
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
 class PQSubspaceMethod(Strict):
     """Gong et al. 2014: PQ with a codebook of its own per sub-space, no training."""
 
-    name: Literal["pq_subspace"]
+    name: Literal["pq_subspace"] = Field(description="Gong et al. 2014: PQ with a codebook of its own for every "
+                                         "sub-space (column block of the rows), no training.")
 
 
 def code(weights: Sequence[torch.Tensor], plans: Sequence[LayerPlan], **kmeans: Any) -> list[Coded]:

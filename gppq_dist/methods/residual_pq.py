@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 class ResidualPQMethod(Strict):
     """Gong et al. 2014: residual quantization in ``stages`` stages, no training."""
 
-    name: Literal["residual_pq"]
-    stages: int = Field(2, ge=1, le=8, description="codebooks per layer, each coding the residual of the ones before")
+    name: Literal["residual_pq"] = Field(description="Gong et al. 2014: residual quantization in `stages` stages, "
+                                         "no training.")
+    stages: int = Field(2, ge=1, le=8, description="Codebooks per layer, each coding what the ones before left.")
 
 
 def code(weights: Sequence[torch.Tensor], plans: Sequence[LayerPlan], **kmeans: Any) -> list[Coded]:

@@ -39,14 +39,20 @@ class TSQMethod(Strict):
     finetuning (straight-through). The inputs stay quantized at inference. Layers: those
     the ``quantization`` rules pick (``{}``); the ternary weights cost 2 bits."""
 
-    name: Literal["tsq"]
-    activation_bits: int = Field(2, ge=1, le=8, description="inputs take 0 or one of 2^bits - 1 levels")
+    name: Literal["tsq"] = Field(description="Two-Step Quantization (Wang et al. 2018): quantized inputs (step 1), "
+                                 "then ternary weights (step 2), then `train.epochs` of straight-through finetuning; "
+                                 "its layer setting is `{}`.")
+    activation_bits: int = Field(2, ge=1, le=8, description="Every coded layer's input becomes 0 or one of "
+                                 "2^bits - 1 levels.")
     activation_sparsity: float = Field(0.5, ge=0.0, lt=1.0,
-                                       description="fraction of a layer's calibration inputs set to 0")
-    code_epochs: int = Field(1, ge=0, description="epochs of step 1 (quantized inputs, full-precision weights)")
-    calibration_batches: int = Field(4, gt=0, description="train batches per rank for the quantizers and step 2")
-    ls_iterations: int = Field(3, gt=0, description="alternations of alpha and the ternary codes in step 2")
-    ridge: float = Field(0.01, ge=0.0, description="step 2: this fraction of the mean input energy on the diagonal")
+                                       description="Quantile of a layer's calibration inputs (ReLU's zeros included) "
+                                       "at and below which its inputs become 0.")
+    code_epochs: int = Field(1, ge=0, description="Epochs of step 1 (quantized inputs, full-precision weights) before "
+                             "step 2.")
+    calibration_batches: int = Field(4, gt=0, description="Train batches per rank for fitting the input quantizers "
+                                     "and for step 2.")
+    ls_iterations: int = Field(3, gt=0, description="Alternations of alpha and the ternary codes in step 2.")
+    ridge: float = Field(0.01, ge=0.0, description="Step 2's ridge, as a fraction of the mean input energy.")
 
 
 class TSQLayer(Strict):

@@ -27,9 +27,12 @@ class TwoStagePQMethod(Strict):
     error, when ``activation_weighted``), then finetune only the codewords (``train.*``,
     gradients averaged per codeword; the weights stay exactly quantized)."""
 
-    name: Literal["two_stage_pq"]
-    activation_weighted: bool = True
-    calibration_batches: int = Field(4, gt=0, description="train batches whose activations weight the k-means")
+    name: Literal["two_stage_pq"] = Field(description="\"And the Bit Goes Down\": layer by layer in network order, "
+                                          "k-means, then the codewords alone finetuned (`train.*`, mu = 0).")
+    activation_weighted: bool = Field(True, description="Weight each layer's k-means by its input activations, so "
+                                      "that the layer's output is reconstructed; `false`: stage 1 is direct PQ.")
+    calibration_batches: int = Field(4, gt=0, description="Train batches per rank whose activations weight the "
+                                     "k-means.")
 
 
 def make_scheme(cfg: RunConfig, model: nn.Module, plans: list[LayerPlan], context: DistContext, reducer,

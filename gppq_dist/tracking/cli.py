@@ -31,7 +31,8 @@ def sync_command(
     uri: Optional[str] = typer.Option(None, "--uri", help="tracking URI; default: the one the run used"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a line"),
 ) -> None:
-    """Upload what RUN_DIR/tracking.jsonl holds and MLflow does not (a second sync uploads nothing).
+    """Upload what RUN_DIR/tracking.jsonl holds and MLflow does not, e.g. after the server was
+    down (a second sync uploads nothing).
 
     Uses the run in RUN_DIR/mlflow_run_id; creates it where the store does not hold it.
     """
@@ -51,8 +52,9 @@ def sync_command(
 
 
 def compare_command(
-    experiment: str = typer.Option(..., "--experiment", "-e", help="MLflow experiment name"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder; default: runs/compare/<experiment>"),
+    experiment: str = typer.Option(..., "--experiment", "-e", metavar="NAME", help="MLflow experiment name"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR",
+                                       help="output folder; default: runs/compare/<experiment>"),
     uri: Optional[str] = UriOption,
 ) -> None:
     """Table of an experiment's finished runs (CSV + Markdown) and a size vs top-1 Pareto plot.
