@@ -175,20 +175,41 @@ def fold_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tenso
     return scale.float().contiguous(), shift.float().contiguous()
 
 
+@dataclass(frozen=True)
+class StoredLayer:
+    """One coded layer as the file holds it: ``indices`` uint8 (log2(K) bits each, packed),
+    ``codebook`` fp16, and the codec's extra tensor as stored (``None``: the codec keeps
+    none) with its JSON metadata (a ``clipq`` pattern's ``[r, count]``)."""
+
+    indices: torch.Tensor
+    codebook: torch.Tensor
+    extra: torch.Tensor | None = None
+    extra_meta: Any = None
+
+
+def stored_layer(artifact: Artifact, plan: LayerPlan) -> StoredLayer:
+    """The tensors :func:`write_artifact` stores for ``plan``'s layer."""
+    packed = torch.from_numpy(pack_indices(artifact.assignments[plan.name], plan.index_bits))
+    extra = codec_for(plan.codec).extra
+    if extra is None:
+        return StoredLayer(packed, artifact.codebooks[plan.name])
+    stored, meta = extra.pack(plan, artifact.extras[plan.name])
+    return StoredLayer(packed, artifact.codebooks[plan.name], stored, meta)
+
+
 def write_artifact(artifact: Artifact, path: str | Path) -> int:
     """Write atomically; returns the file's size in bytes."""
     tensors: dict[str, torch.Tensor] = {}
     metadata_of_extras: dict[str, dict[str, Any]] = {}  # payload key -> layer -> metadata
     for plan in artifact.layers:
-        packed = pack_indices(artifact.assignments[plan.name], plan.index_bits)
-        tensors[f"indices/{plan.name}"] = torch.from_numpy(packed)
-        tensors[f"codebook/{plan.name}"] = artifact.codebooks[plan.name]
+        layer = stored_layer(artifact, plan)
+        tensors[f"indices/{plan.name}"] = layer.indices
+        tensors[f"codebook/{plan.name}"] = layer.codebook
         extra = codec_for(plan.codec).extra
         if extra is not None:
-            stored, meta = extra.pack(plan, artifact.extras[plan.name])
-            tensors[f"{extra.name}/{plan.name}"] = stored
-            if meta is not None:
-                metadata_of_extras.setdefault(f"{extra.name}s", {})[plan.name] = meta
+            tensors[f"{extra.name}/{plan.name}"] = layer.extra
+            if layer.extra_meta is not None:
+                metadata_of_extras.setdefault(f"{extra.name}s", {})[plan.name] = layer.extra_meta
     tensors.update({f"param/{n}": t for n, t in artifact.params.items()})
     tensors.update({f"buffer/{n}": t for n, t in artifact.buffers.items()})
     tensors.update({f"bn_scale/{n}": t for n, t in artifact.bn_scale.items()})

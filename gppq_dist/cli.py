@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Global & Progressive Product Quantization of CNNs: size, compress, inspect, evaluate.",
+    help="Global & Progressive Product Quantization of CNNs: size, compress, inspect, evaluate, export.",
 )
 data_app = typer.Typer(
     no_args_is_help=True, help="Data sets: write the demo or synthetic data, check a data folder before training."
@@ -171,6 +171,32 @@ def evaluate_artifact(
         return
     stdout.print(f"{artifact}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
                  f"({metrics['images']} images)")
+
+
+@app.command("export")
+def export_artifact(
+    artifact: Path = typer.Argument(..., metavar="FILE", help=".gppq file"),
+    out: Path = typer.Option(..., "--out", metavar="MODEL.onnx", help="the file to write, e.g. MODEL.onnx"),
+    export_format: str = typer.Option("onnx", "--format", metavar="onnx", help="onnx (the one format so far)"),
+    opset: Optional[int] = typer.Option(None, "--opset", metavar="N", help="ONNX opset, 18 to 20 (default 18)"),
+    dense: bool = typer.Option(False, "--dense", help="store the decoded fp32 weights instead: an ordinary "
+                               "export, for comparison"),
+) -> None:
+    """The compressed model as an ONNX file of about its accounted size: the artifact's fp16
+    codebooks and bit-packed indices are its initializers, and the graph decodes each weight
+    with standard operators (ONNX Runtime does it once, when the session starts); TSQ's input
+    quantizers are graph ops. Needs the export extra (the onnx and onnxruntime packages)."""
+    from gppq_dist.artifact import read_artifact
+    from gppq_dist.export.onnx import export_onnx, require_onnx
+
+    if export_format != "onnx":
+        raise UserError(f"--format: expected onnx, got {export_format!r}")
+    require_onnx()
+    written = export_onnx(read_artifact(artifact), out, opset=opset, dense=dense)
+    weights = "dense fp32 weights" if dense else f"{written.decoded_layers} coded weights decoded in the graph"
+    stdout.print(f"{out}: ONNX opset {written.opset}, {weights}, {written.file_bytes:,} B "
+                 f"({written.over_accounted:.3f}x the accounted {written.accounted_bytes:,.0f} B)",
+                 markup=False, highlight=False)
 
 
 @data_app.command("digits")

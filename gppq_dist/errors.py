@@ -21,3 +21,8 @@ class ArtifactError(UserError):
 
 class DataError(UserError):
     """A data folder that is missing or not in the expected layout."""
+
+
+class ExportError(UserError):
+    """An export that cannot be made as asked: a missing optional package, an unsupported
+    opset, a codec without a decoder in the target format."""
