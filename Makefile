@@ -45,7 +45,7 @@ bench: setup
 
 # every method at matched size on the demo data, 3 seeds (about 14 minutes on 2 cores)
 bench-methods: setup
-	$(BIN)/python benchmarks/compare_methods.py
+	$(BIN)/python benchmarks/compare_methods.py --docs
 
 # every method on Fashion-MNIST (benchmarks/real_data.py): settings searched on val/, test/
 # scored once per final model; trains the baseline first when it is not cached (~35 min here)

@@ -126,6 +126,13 @@ def common_arguments(parser: argparse.ArgumentParser, config: str, seeds: int, o
     parser.add_argument("--nproc", type=int, default=2, help="processes for the methods that train")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
     parser.add_argument("--force", action="store_true", help="run again even where a summary exists")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the table and plot to docs/, where the README includes them (make targets)")
+
+
+def output_folders(args: argparse.Namespace, out: Path) -> list[Path]:
+    """Where a benchmark writes its table and plot: ``--out``, and ``docs/`` with ``--docs``."""
+    return [out] + ([ROOT / "docs"] if args.docs else [])
 
 
 def main() -> None:
@@ -169,11 +176,12 @@ def main() -> None:
                  f"{platform.machine()}, {os.cpu_count()} cores")
     text = "\n".join(lines)
     print(text)
-    (out / "compare_methods.md").write_text(text + "\n")
-    pareto_png([{"method": r["method"], "run": r["point"], "size_mb": r["size_mb"],
-                 "top1_quantized": r["top1_mean"]} for r in rows],
-               out / "compare_methods.png", "digits, ResNet-18: size vs top-1 (mean of seeds)")
-    print(f"\nwritten to {out / 'compare_methods.md'} and {out / 'compare_methods.png'}")
+    for folder in output_folders(args, out):
+        (folder / "compare_methods.md").write_text(text + "\n")
+        pareto_png([{"method": r["method"], "run": r["point"], "size_mb": r["size_mb"],
+                     "top1_quantized": r["top1_mean"]} for r in rows],
+                   folder / "compare_methods.png", "digits, ResNet-18: size vs top-1 (mean of seeds)")
+        print(f"\nwritten to {folder / 'compare_methods.md'} and {folder / 'compare_methods.png'}")
     (out / "settings.yaml").write_text(yaml.safe_dump({m: {p: list(s) for p, s in v.items()}
                                                        for m, v in SETTINGS.items()}, sort_keys=False))
 

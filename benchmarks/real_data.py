@@ -58,7 +58,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import POINTS, SETTINGS, common_arguments, every_kind, gppq_train  # noqa: E402
+from compare_methods import (  # noqa: E402
+    POINTS, SETTINGS, common_arguments, every_kind, gppq_train, output_folders,
+)
 
 from gppq_dist.config import load_config, parse_overrides  # noqa: E402
 from gppq_dist.data.fashion_mnist import write_fashion_mnist  # noqa: E402
@@ -165,8 +167,6 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run (smoke runs of the script)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the baseline and every run (repeatable)")
-    parser.add_argument("--docs", action="store_true",
-                        help="also write the table and plot to docs/ (what the README shows; make bench-real)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,7 @@ def main() -> None:
                   f"{os.cpu_count()} cores"]
     text = "\n".join(lines)
     print(text)
-    for folder in [out] + ([ROOT / "docs"] if args.docs else []):
+    for folder in output_folders(args, out):
         (folder / "real_data.md").write_text(text + "\n")
         plot(rows, folder / "real_data.png", "Fashion-MNIST, ResNet-18: size vs test top-1 (std over seeds)")
         print(f"\nwritten to {folder / 'real_data.md'} and {folder / 'real_data.png'}")

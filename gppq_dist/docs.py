@@ -9,6 +9,11 @@ Each block of README.md between ``<!-- generated: NAME (make docs) -->`` and
 - ``commands``: every command of ``gppq`` (:mod:`gppq_dist.cli`) with its usage, from the
   click parameters typer builds, and the first paragraph of its docstring.
 
+A block between ``<!-- included: docs/FILE.md (COMMAND) -->`` and ``<!-- end included:
+docs/FILE.md -->`` is that file, as the benchmark script named by COMMAND wrote it (the
+README shows measured tables only through such blocks; ``tests/test_docs.py`` checks that
+every file under ``docs/`` is written by a script).
+
 ``python -m gppq_dist.docs`` (``make docs``) rewrites the blocks; ``--check`` only compares
 them and exits 1 when one differs (``tests/test_docs.py`` checks the same).
 
@@ -146,15 +151,37 @@ def sync_readme(path: str | Path = README, check: bool = False) -> list[str]:
         if text[start:end] != fresh:
             changed.append(name)
             text = text[:start] + fresh + text[end:]
+    for name in included_files(text):
+        source = path.parent / name
+        if not source.is_file():
+            raise UserError(f"{path}: the included file '{name}' does not exist (run the command its marker names)")
+        start, end = block_span(text, name, path, kind="included")
+        fresh = f"\n\n{source.read_text().strip()}\n\n"
+        if text[start:end] != fresh:
+            changed.append(name)
+            text = text[:start] + fresh + text[end:]
     if changed and not check:
         path.write_text(text)
     return changed
 
 
-def block_span(text: str, name: str, path: str | Path = "README.md") -> tuple[int, int]:
-    """Where the generated block ``name`` of ``text`` lies: between the end of its opening
-    marker and the start of its closing one."""
-    begin, end = f"<!-- generated: {name} (make docs) -->", f"<!-- end generated: {name} -->"
+INCLUDED = re.compile(r"<!-- included: (\S+) \(")
+
+
+def included_files(text: str) -> list[str]:
+    """The files (paths relative to the README) that ``text`` includes."""
+    return INCLUDED.findall(text)
+
+
+def block_span(text: str, name: str, path: str | Path = "README.md", kind: str = "generated") -> tuple[int, int]:
+    """Where the block ``name`` of ``text`` lies: between the end of its opening marker and the
+    start of its closing one (``kind``: ``generated`` or ``included``)."""
+    if kind == "included":
+        found = re.search(rf"<!-- included: {re.escape(name)} \([^)]*\) -->", text)
+        begin = found.group(0) if found else f"<!-- included: {name} (COMMAND) -->"
+    else:
+        begin = f"<!-- generated: {name} (make docs) -->"
+    end = f"<!-- end {kind}: {name} -->"
     opened = text.find(begin)
     closed = text.find(end, opened + len(begin)) if opened >= 0 else -1
     for marker, found in ((begin, opened), (end, closed)):

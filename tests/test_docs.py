@@ -67,3 +67,31 @@ def test_sync_rewrites_a_stale_block_and_names_a_missing_marker(tmp_path):
     readme.write_text("# x\n<!-- generated: config (make docs) -->\n<!-- end generated: config -->\n")
     with pytest.raises(UserError, match="'<!-- generated: commands \\(make docs\\) -->' is missing"):
         docs.sync_readme(readme, check=True)
+
+
+def test_every_file_under_docs_is_written_by_a_script():
+    """A figure or table the README shows is a script's output, never a hand-made copy: its
+    file name is written by a benchmark or package script that writes to docs/ (``--docs``)."""
+    scripts = {path: path.read_text() for path in [*(ROOT / "benchmarks").glob("*.py"),
+                                                  *(ROOT / "gppq_dist").rglob("*.py")]}
+    writers = {path: text for path, text in scripts.items() if '"docs"' in text}
+    for produced in sorted((ROOT / "docs").iterdir()):
+        found = [path.name for path, text in writers.items() if f'"{produced.name}"' in text]
+        assert found, f"docs/{produced.name} is written by no script under benchmarks/ or gppq_dist/"
+    for name in docs.included_files(README.read_text()):  # and the README includes only such files
+        assert name.startswith("docs/") and (ROOT / name).is_file(), name
+
+
+def test_an_included_file_is_synced_and_a_missing_one_named(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "table.md").write_text("| a |\n|---|\n| 1 |\n")
+    readme = tmp_path / "README.md"
+    blocks = "".join(f"<!-- generated: {name} (make docs) -->\n<!-- end generated: {name} -->\n" for name in docs.BLOCKS)
+    readme.write_text(blocks + "<!-- included: docs/table.md (python benchmarks/x.py --docs) -->\nSTALE-TEXT\n"
+                      "<!-- end included: docs/table.md -->\n")
+    assert "docs/table.md" in docs.sync_readme(readme)
+    assert "\n| 1 |\n" in readme.read_text() and "STALE-TEXT" not in readme.read_text()
+    assert docs.sync_readme(readme, check=True) == []
+    (tmp_path / "docs" / "table.md").unlink()
+    with pytest.raises(UserError, match="docs/table.md"):
+        docs.sync_readme(readme, check=True)
