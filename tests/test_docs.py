@@ -74,7 +74,7 @@ def test_every_file_under_docs_is_written_by_a_script():
     file name is written by a benchmark or package script that writes to docs/ (``--docs``)."""
     scripts = {path: path.read_text() for path in [*(ROOT / "benchmarks").glob("*.py"),
                                                   *(ROOT / "gppq_dist").rglob("*.py")]}
-    writers = {path: text for path, text in scripts.items() if '"docs"' in text}
+    writers = {path: text for path, text in scripts.items() if "docs" in text}
     for produced in sorted((ROOT / "docs").iterdir()):
         found = [path.name for path, text in writers.items() if f'"{produced.name}"' in text]
         assert found, f"docs/{produced.name} is written by no script under benchmarks/ or gppq_dist/"
